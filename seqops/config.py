@@ -1,0 +1,231 @@
+"""Typed, frozen configuration read from ``params.yaml``.
+
+``params.yaml`` is the one source of every parameter. It is read into the frozen
+models below; an unknown key or a value of the wrong type is an error that names
+it. The CLI and the Prefect flow only override fields of these same models, with
+the ``section.key=value`` syntax of ``dvc exp run -S``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+DEFAULT_PARAMS_PATH = Path("params.yaml")
+
+
+class ConfigError(ValueError):
+    """A parameter file or override is invalid; the message names the key."""
+
+
+class _Section(BaseModel):
+    # strict: "3" is not an int, 1.5 is not an int; extra="forbid": typos are errors.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+# --- prepare -------------------------------------------------------------------
+
+
+class SyntheticConfig(_Section):
+    clutter: float = Field(0.3, ge=0, le=1)  # share of scenes whose objects may touch/overlap
+    distractor_share: float = Field(0.5, ge=0, le=1)  # scenes with a second, uncounted kind
+    num_exemplars: int = Field(3, ge=0, le=3)  # exemplar boxes per scene (FSC-147 has 3)
+    noise: float = Field(0.04, ge=0, le=1)  # background noise amplitude (share of 255)
+
+
+class Fsc147Config(_Section):
+    root: str = "data/raw/FSC147"
+    classes: tuple[str, ...] = Field((), strict=False)  # YAML list; empty: every class
+
+
+class CocoConfig(_Section):
+    annotations: str = "data/raw/coco/annotations.json"
+    images_dir: str = "data/raw/coco/images"
+    categories: tuple[str, ...] = Field((), strict=False)  # YAML list; empty: every one
+    val_share: float = Field(0.1, ge=0, lt=1)
+    test_share: float = Field(0.1, ge=0, lt=1)
+
+
+class PrepareConfig(_Section):
+    source: Literal["synthetic", "fsc147", "coco"] = "synthetic"
+    seed: int = 0
+    image_size: int = Field(384, ge=32, le=2048)
+    order: Literal["reading_order", "left_to_right", "nearest_neighbor"] = "reading_order"
+    row_height: float = Field(50.0, gt=0)  # px at model size (the research code's rows)
+    min_objects: int = Field(5, ge=0)
+    max_objects: int = Field(50, ge=1)
+    on_error: Literal["skip", "fail"] = "skip"
+    num_train: int = Field(800, ge=0)  # synthetic scenes per split
+    num_val: int = Field(100, ge=0)
+    num_test: int = Field(100, ge=0)
+    synthetic: SyntheticConfig = SyntheticConfig()
+    fsc147: Fsc147Config = Fsc147Config()
+    coco: CocoConfig = CocoConfig()
+
+
+# --- sampling (read by prepare for its statistics and by train) -----------------
+
+
+class SamplingConfig(_Section):
+    steps_per_image: int = Field(8, ge=1)  # k values trained against one image encoding
+    done_share: float = Field(0.2, ge=0, le=1)  # share of those steps with k = N (done = 1)
+
+
+# --- model, train ---------------------------------------------------------------
+
+
+class ModelConfig(_Section):
+    preset: Literal["tiny", "base"] = "tiny"
+    exemplars: bool = False  # trained with exemplar boxes (count the exemplified kind)
+
+
+class LossConfig(_Section):
+    threshold: float = Field(0.1, gt=0)  # t: quadratic below, linear above (19 px at 384)
+    variant: Literal["research", "continuous"] = "research"
+    w_done: float = Field(3.0, ge=0)
+    pos_weight: float = Field(1.0, gt=0)  # BCE pos_weight for done = 1
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(16, ge=1)  # images per batch (each with sampling.steps_per_image)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    max_norm: float = Field(1.0, gt=0)
+    lr_schedule: Literal["none", "cosine"] = "cosine"
+    patience: int = Field(5, ge=1)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_workers: int = Field(0, ge=0)
+    target: Literal["ordered", "nearest_unmarked"] = "ordered"
+    loss: LossConfig = LossConfig()
+
+
+# --- export, evaluate, promote ---------------------------------------------------
+
+
+class ExportConfig(_Section):
+    opset: int = Field(17, ge=17)
+    parity_tolerance: float = Field(1e-4, gt=0)
+
+
+class EvaluateConfig(_Section):
+    match_radius_px: float = Field(8.0, gt=0)
+    done_threshold: float = Field(0.5, gt=0, lt=1)
+    max_objects: int = Field(200, ge=1)
+    worst_images: int = Field(4, ge=0)
+
+
+class PromoteConfig(_Section):
+    metric: str = "count_mae"
+    higher_is_better: bool = False
+
+
+class Params(_Section):
+    """Every section of ``params.yaml``."""
+
+    prepare: PrepareConfig = PrepareConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    export: ExportConfig = ExportConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    promote: PromoteConfig = PromoteConfig()
+
+
+# --- loading ---------------------------------------------------------------------
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``section.key=value``; the value is parsed as YAML, as ``dvc exp run -S`` does."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. prepare.seed=3")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    return key, value
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str | tuple[str, Any]]) -> dict:
+    """Return a deep copy of ``raw`` with dotted-key overrides applied.
+
+    Every key of the path must name a known field: the typed models define which
+    keys exist, so a typo fails here rather than being silently added.
+    """
+    data = copy.deepcopy(dict(raw))
+    for item in overrides:
+        key, value = parse_override(item) if isinstance(item, str) else item
+        parts = key.split(".")
+        model: type[BaseModel] = Params
+        node = data
+        for depth, part in enumerate(parts):
+            field = model.model_fields.get(part)
+            if field is None:
+                prefix = ".".join(parts[:depth]) or "params"
+                known = ", ".join(model.model_fields)
+                raise ConfigError(
+                    f"override {key!r}: {prefix} has no key {part!r} (known: {known})"
+                )
+            if depth == len(parts) - 1:
+                node[part] = value
+                break
+            sub = field.annotation
+            if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+                raise ConfigError(
+                    f"override {key!r}: {'.'.join(parts[: depth + 1])} is not a section"
+                )
+            model = sub
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(
+                    f"override {key!r}: {'.'.join(parts[: depth + 1])} is not a mapping"
+                )
+    return data
+
+
+def _describe(error: dict) -> str:
+    where = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"{where}: unknown key"
+    return f"{where}: {error['msg']} (got {error.get('input')!r})"
+
+
+def params_from_dict(raw: Mapping[str, Any], source: str = "params") -> Params:
+    """Validate a raw mapping into :class:`Params`; errors name the file and every bad key."""
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = "\n  ".join(_describe(e) for e in exc.errors())
+        raise ConfigError(f"{source}: invalid parameters:\n  {lines}") from None
+
+
+def read_params_file(path: str | Path = DEFAULT_PARAMS_PATH) -> dict:
+    """Read a params YAML file into a plain dict (empty file: empty dict)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: parameter file not found") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def load_params(
+    path: str | Path = DEFAULT_PARAMS_PATH, overrides: Iterable[str | tuple[str, Any]] = ()
+) -> Params:
+    """Load ``params.yaml`` (or another file) and apply ``section.key=value`` overrides."""
+    raw = apply_overrides(read_params_file(path), overrides)
+    return params_from_dict(raw, source=str(path))

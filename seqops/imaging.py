@@ -1,0 +1,144 @@
+"""Torch-free image and mark handling shared by training and serving.
+
+Everything the serving path needs to turn a request into network inputs lives
+here, in numpy + Pillow (DESIGN principle 6): decoding, resizing to the model's
+square input, normalisation, the coordinate convention, and the rendering of
+marks (objects already found) and exemplar boxes into maps on the feature grid.
+Training calls the very same functions, so train and serve cannot drift apart.
+
+Coordinate convention: pixel coordinates are continuous, ``[0, W] x [0, H]``
+(pixel ``i`` covers ``[i, i+1)``, as FSC-147's point annotations are). Model
+coordinates are normalised to ``[-1, 1]``: ``x_norm = 2 * x_px / S - 1`` at model
+input size ``S``.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+# Per-channel normalisation applied to [0, 1] RGB. Stored in exported models' metadata.
+MEAN = (0.5, 0.5, 0.5)
+STD = (0.25, 0.25, 0.25)
+
+# Larger images are refused before decoding (decompression bombs); 64 MP is generous.
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+class ImageError(ValueError):
+    """An image could not be read; the message names the file and the reason."""
+
+
+def load_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode a PNG/JPEG (path or bytes) into an RGB image.
+
+    Raises:
+        ImageError: missing, undecodable, truncated or too large (names the source).
+    """
+    name = "<bytes>" if isinstance(source, bytes) else str(source)
+    try:
+        stream = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
+    except OSError as exc:
+        raise ImageError(f"{name}: cannot open ({exc.strerror or exc})") from None
+    with stream:
+        try:
+            image = Image.open(stream)
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageError(
+                    f"{name}: {width}x{height} = {width * height} pixels exceeds {max_pixels}"
+                )
+            image.load()  # decode now: a truncated file fails here, not later
+        except ImageError:
+            raise
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise ImageError(f"{name}: not a decodable image ({exc})") from None
+        except Image.DecompressionBombError as exc:
+            raise ImageError(f"{name}: {exc}") from None
+    if width < 1 or height < 1:
+        raise ImageError(f"{name}: empty image ({width}x{height})")
+    return image.convert("RGB")
+
+
+def resize_for_model(image: Image.Image, size: int) -> tuple[np.ndarray, tuple[float, float]]:
+    """Resize (stretch) to the square model input.
+
+    Returns:
+        ``(pixels, (scale_x, scale_y))``: uint8 ``[size, size, 3]`` and the factors that map
+        original pixel coordinates to model pixels (``x_model = x_orig * scale_x``).
+    """
+    width, height = image.size
+    if (width, height) != (size, size):
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.uint8), (size / width, size / height)
+
+
+def normalize_pixels(pixels: np.ndarray) -> np.ndarray:
+    """uint8 ``[..., H, W, 3]`` -> float32 ``[..., 3, H, W]`` with :data:`MEAN`/:data:`STD`."""
+    x = pixels.astype(np.float32) / 255.0
+    x = (x - np.asarray(MEAN, np.float32)) / np.asarray(STD, np.float32)
+    return np.moveaxis(x, -1, -3).copy()
+
+
+def pixels_to_norm(points_px: np.ndarray, size: int) -> np.ndarray:
+    """Model pixel coordinates ``[N, 2]`` -> normalised ``[-1, 1]``."""
+    return np.asarray(points_px, np.float32).reshape(-1, 2) * (2.0 / size) - 1.0
+
+
+def norm_to_pixels(points_norm: np.ndarray, size: int) -> np.ndarray:
+    """Normalised ``[-1, 1]`` coordinates ``[N, 2]`` -> model pixels."""
+    return (np.asarray(points_norm, np.float32).reshape(-1, 2) + 1.0) * (size / 2.0)
+
+
+def grid_centres(grid: int) -> np.ndarray:
+    """Normalised coordinates of the centres of ``grid`` cells along one axis."""
+    return ((np.arange(grid, dtype=np.float32) + 0.5) / grid) * 2.0 - 1.0
+
+
+def render_marks(points_norm: np.ndarray, grid: int, sigma: float) -> np.ndarray:
+    """Render found objects as Gaussian blobs on the feature grid.
+
+    Args:
+        points_norm: ``[K, 2]`` normalised ``(x, y)`` of the objects already found (K may be 0).
+        grid: side of the square feature grid.
+        sigma: blob radius in grid cells.
+
+    Returns:
+        float32 ``[grid, grid]`` in ``[0, 1]``: the maximum over the marks' blobs.
+    """
+    points = np.asarray(points_norm, np.float32).reshape(-1, 2)
+    out = np.zeros((grid, grid), np.float32)
+    if len(points) == 0:
+        return out
+    centres = grid_centres(grid)
+    cell = 2.0 / grid
+    # Separable Gaussians: [K, grid] along x and along y, combined per mark by outer product.
+    gx = np.exp(-0.5 * ((centres[None, :] - points[:, :1]) / (sigma * cell)) ** 2)
+    gy = np.exp(-0.5 * ((centres[None, :] - points[:, 1:]) / (sigma * cell)) ** 2)
+    for k in range(len(points)):
+        np.maximum(out, gy[k][:, None] * gx[k][None, :], out=out)
+    return out
+
+
+def render_exemplar_mask(boxes_px: np.ndarray, image_size: int, grid: int) -> np.ndarray:
+    """Render exemplar boxes (model pixels ``[x1, y1, x2, y2]``) as a mask on the feature grid.
+
+    A cell is 1 when its centre lies in a box; a box smaller than a cell still marks the
+    cell holding its centre, so no exemplar vanishes. No boxes: all zeros.
+    """
+    boxes = np.asarray(boxes_px, np.float32).reshape(-1, 4)
+    mask = np.zeros((grid, grid), np.float32)
+    if len(boxes) == 0:
+        return mask
+    centres_px = (np.arange(grid, dtype=np.float32) + 0.5) * (image_size / grid)
+    for x1, y1, x2, y2 in boxes:
+        inside_x = (centres_px >= x1) & (centres_px <= x2)
+        inside_y = (centres_px >= y1) & (centres_px <= y2)
+        mask[np.ix_(inside_y, inside_x)] = 1.0
+        cx = min(int((x1 + x2) / 2 / image_size * grid), grid - 1)
+        cy = min(int((y1 + y2) / 2 / image_size * grid), grid - 1)
+        mask[max(cy, 0), max(cx, 0)] = 1.0
+    return mask
