@@ -89,6 +89,16 @@ class LossConfig(_Section):
     variant: Literal["research", "continuous"] = "research"
     w_done: float = Field(3.0, ge=0)
     pos_weight: float = Field(1.0, gt=0)  # BCE pos_weight for done = 1
+    w_heatmap: float = Field(1.0, ge=0)  # cross-entropy of the heat map against a Gaussian
+    heatmap_sigma: float = Field(1.0, gt=0)  # that Gaussian's radius, in feature-grid cells
+
+
+class AugmentConfig(_Section):
+    """Noise on the marks during training, so the loop recovers from its own small errors."""
+
+    mark_jitter_px: float = Field(1.0, ge=0)  # std of Gaussian jitter of each mark, model px
+    mark_drop_prob: float = Field(0.05, ge=0, le=1)  # a found object's mark goes missing
+    spurious_mark_prob: float = Field(0.05, ge=0, le=1)  # a mark lands where no object is
 
 
 class TrainConfig(_Section):
@@ -104,6 +114,10 @@ class TrainConfig(_Section):
     num_workers: int = Field(0, ge=0)
     target: Literal["ordered", "nearest_unmarked"] = "ordered"
     loss: LossConfig = LossConfig()
+    augment: AugmentConfig = AugmentConfig()
+    rollout_images: int = Field(16, ge=0)  # val images rolled out in full every epoch
+    picture_samples: int = Field(4, ge=0)  # val samples drawn to MLflow every epoch
+    max_minutes: float = Field(0.0, ge=0)  # wall-clock budget; 0 = none
 
 
 # --- export, evaluate, promote ---------------------------------------------------
