@@ -4,6 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 EXTRAS := train,serve,dev
+# Stage commands in dvc.yaml call `seqops`; put the venv first so `dvc repro` finds it.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test lint format test-fast clean
