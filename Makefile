@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-EXTRAS := train,serve,dev
+EXTRAS := pipeline,train,serve,dev
 # Stage commands in dvc.yaml call `seqops`; put the venv first so `dvc repro` finds it.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
