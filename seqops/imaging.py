@@ -98,6 +98,20 @@ def grid_centres(grid: int) -> np.ndarray:
     return ((np.arange(grid, dtype=np.float32) + 0.5) / grid) * 2.0 - 1.0
 
 
+def add_mark(marks: np.ndarray, point_norm: np.ndarray, sigma: float) -> None:
+    """Add one found object to a marks map in place (the incremental form of render_marks).
+
+    The predictor's loop adds one mark per step in O(grid^2) instead of re-rendering all K.
+    """
+    grid = marks.shape[-1]
+    centres = grid_centres(grid)
+    scale = sigma * (2.0 / grid)
+    x, y = np.asarray(point_norm, np.float32).reshape(2)
+    gx = np.exp(-0.5 * ((centres - x) / scale) ** 2)
+    gy = np.exp(-0.5 * ((centres - y) / scale) ** 2)
+    np.maximum(marks, gy[:, None] * gx[None, :], out=marks)
+
+
 def render_marks(points_norm: np.ndarray, grid: int, sigma: float) -> np.ndarray:
     """Render found objects as Gaussian blobs on the feature grid.
 
@@ -109,17 +123,9 @@ def render_marks(points_norm: np.ndarray, grid: int, sigma: float) -> np.ndarray
     Returns:
         float32 ``[grid, grid]`` in ``[0, 1]``: the maximum over the marks' blobs.
     """
-    points = np.asarray(points_norm, np.float32).reshape(-1, 2)
     out = np.zeros((grid, grid), np.float32)
-    if len(points) == 0:
-        return out
-    centres = grid_centres(grid)
-    cell = 2.0 / grid
-    # Separable Gaussians: [K, grid] along x and along y, combined per mark by outer product.
-    gx = np.exp(-0.5 * ((centres[None, :] - points[:, :1]) / (sigma * cell)) ** 2)
-    gy = np.exp(-0.5 * ((centres[None, :] - points[:, 1:]) / (sigma * cell)) ** 2)
-    for k in range(len(points)):
-        np.maximum(out, gy[k][:, None] * gx[k][None, :], out=out)
+    for point in np.asarray(points_norm, np.float32).reshape(-1, 2):
+        add_mark(out, point, sigma)
     return out
 
 

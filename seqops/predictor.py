@@ -1,0 +1,466 @@
+"""The iterative predictor on onnxruntime: encode once, step until done. No torch here.
+
+Serving and evaluation both run models through this module, so what is measured is
+what users get. A model is a directory with ``encoder.onnx`` and ``step.onnx`` (see
+``seqops.export``); it is loaded from a path or from the MLflow registry
+(``models:/seqops@champion``, ``models:/seqops/3``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+from seqops import imaging
+
+log = logging.getLogger(__name__)
+
+METADATA_KEY = "seqops"
+DEFAULT_MAX_OBJECTS = 200
+MAX_EXEMPLARS = 3
+
+
+class PredictorError(ValueError):
+    """A model cannot be loaded or a request does not fit the model; says which and why."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the exported model says about itself (ONNX metadata ``seqops``)."""
+
+    name: str
+    image_size: int
+    grid: int
+    mark_sigma: float
+    exemplars: bool
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    done_threshold: float
+    order: str
+    preset: str
+    model_version: str
+    run_id: str | None
+
+    @classmethod
+    def from_metadata(cls, meta: dict, source: str) -> ModelInfo:
+        try:
+            return cls(
+                name=str(meta.get("name", "seqops")),
+                image_size=int(meta["image_size"]),
+                grid=int(meta["grid"]),
+                mark_sigma=float(meta["mark_sigma"]),
+                exemplars=bool(meta["exemplars"]),
+                mean=tuple(float(v) for v in meta["mean"]),
+                std=tuple(float(v) for v in meta["std"]),
+                done_threshold=float(meta.get("done_threshold", 0.5)),
+                order=str(meta.get("order", "")),
+                preset=str(meta.get("preset", "")),
+                model_version=str(meta.get("model_version", "")),
+                run_id=meta.get("run_id"),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PredictorError(f"{source}: metadata '{METADATA_KEY}' lacks {exc}") from None
+
+
+@dataclass
+class PreparedImage:
+    """One request image turned into network inputs."""
+
+    pixels: np.ndarray  # float32 [3, S, S], normalised
+    orig_size: tuple[int, int]  # (width, height)
+    scale: tuple[float, float]  # model px = original px * scale
+    exemplar_mask: np.ndarray | None  # float32 [1, g, g]
+
+
+@dataclass
+class Rollout:
+    """The state of one image's loop: its encoding, its marks, what it found so far."""
+
+    image: PreparedImage
+    features: np.ndarray  # [C, g, g]
+    marks: np.ndarray  # [1, g, g]
+    points_norm: list[tuple[float, float]] = field(default_factory=list)
+    done_probs: list[float] = field(default_factory=list)
+    stopped_by: str | None = None  # "done" | "max_objects" | "deadline"
+
+    def advance(
+        self, xy: np.ndarray, done: float, threshold: float, max_objects: int, sigma: float
+    ):
+        """Take one step's output; returns True when this image's loop has finished."""
+        self.done_probs.append(float(done))
+        if done > threshold:
+            self.stopped_by = "done"
+            return True
+        self.points_norm.append((float(xy[0]), float(xy[1])))
+        imaging.add_mark(self.marks[0], xy, sigma)
+        if len(self.points_norm) >= max_objects:
+            self.stopped_by = "max_objects"
+            return True
+        return False
+
+
+@dataclass
+class Prediction:
+    """The answer for one image: points in the caller's original pixel coordinates."""
+
+    count: int
+    points: list[list[float]]
+    points_model: list[list[float]]  # at model input size
+    done_probs: list[float]
+    stopped_by: str
+    timings_ms: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return {
+            "count": self.count,
+            "points": self.points,
+            "done_probs": self.done_probs,
+            "stopped_by": self.stopped_by,
+            "timings_ms": self.timings_ms,
+        }
+
+
+# --- providers -------------------------------------------------------------------------
+
+
+def cuda_usable() -> bool:
+    """True when a CUDA driver with at least one device is present.
+
+    onnxruntime-gpu lists CUDAExecutionProvider wherever it is installed, and on a host
+    without a GPU, asking for it prints library-load errors before falling back. Asking the
+    driver first keeps CPU hosts silent.
+    """
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    count = ctypes.c_int(0)
+    return (
+        cuda.cuInit(0) == 0 and cuda.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+    )
+
+
+def choose_providers(device: str) -> list[str]:
+    """Execution providers for ``device`` = ``auto`` | ``cuda`` | ``cpu``."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "cuda":
+        if not cuda_usable():
+            raise PredictorError("device=cuda: no usable CUDA device/driver on this host")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "auto":
+        return choose_providers("cuda" if cuda_usable() else "cpu")
+    raise PredictorError(f"device={device!r}: expected auto, cuda or cpu")
+
+
+def session_options(threads: int, spin: bool) -> ort.SessionOptions:
+    """Options chosen on purpose: all graph optimisations, a fixed thread count, and no
+    spinning by default, since the Python loop between step runs would leave spinning
+    threads burning cores that other requests/workers need."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3  # errors only
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    return opts
+
+
+# --- loading ---------------------------------------------------------------------------
+
+
+def resolve_model_dir(uri: str | Path) -> tuple[Path, str | None]:
+    """A local model directory for ``uri``, and the registry version when it came from one.
+
+    ``uri`` is a directory holding ``encoder.onnx`` and ``step.onnx``, or an MLflow URI
+    (``models:/name@alias``, ``models:/name/version``, ``runs:/...``), downloaded with the
+    tracking URI from ``MLFLOW_TRACKING_URI`` (else the project's embedded store).
+    """
+    text = str(uri)
+    if "://" not in text and ":/" not in text:
+        path = Path(text)
+        if not (path / "encoder.onnx").is_file() or not (path / "step.onnx").is_file():
+            raise PredictorError(
+                f"{path}: not a model directory (needs encoder.onnx and step.onnx)"
+            )
+        return path, None
+    import mlflow  # lazy: the registry client is only needed for registry URIs
+
+    from seqops.tracking import resolve_tracking_uri
+
+    mlflow.set_tracking_uri(resolve_tracking_uri())
+    version = _registry_version(mlflow, text)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=text))
+    except Exception as exc:
+        raise PredictorError(f"{text}: cannot download from MLflow ({exc})") from None
+    found = sorted(
+        p.parent for p in local.rglob("encoder.onnx") if (p.parent / "step.onnx").is_file()
+    )
+    if not found:
+        raise PredictorError(f"{text}: the MLflow model holds no encoder.onnx/step.onnx pair")
+    return found[0], version
+
+
+def _registry_version(mlflow, uri: str) -> str | None:
+    if not uri.startswith("models:/"):
+        return None
+    ref = uri.removeprefix("models:/")
+    client = mlflow.MlflowClient()
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            return str(client.get_model_version_by_alias(name, alias).version)
+        name, _, version = ref.partition("/")
+        return version or None
+    except Exception as exc:
+        raise PredictorError(f"{uri}: not found in the MLflow registry ({exc})") from None
+
+
+def read_metadata(path: Path | ort.InferenceSession, source: str | None = None) -> dict:
+    """The ``seqops`` metadata JSON stored in an ONNX file (or an open session of one)."""
+    if isinstance(path, ort.InferenceSession):
+        session = path
+    else:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    source = source or str(path)
+    raw = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+    if raw is None:
+        raise PredictorError(f"{source}: no '{METADATA_KEY}' metadata (not a seqops export)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise PredictorError(f"{source}: metadata '{METADATA_KEY}' is not JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise PredictorError(f"{source}: metadata '{METADATA_KEY}' is not a JSON object")
+    return meta
+
+
+# --- the predictor ---------------------------------------------------------------------
+
+
+class Predictor:
+    """Encode once, step until done, on onnxruntime.
+
+    Args:
+        model_dir: directory with ``encoder.onnx`` and ``step.onnx``.
+        device: ``auto`` (CUDA only where it really works), ``cuda`` or ``cpu``.
+        threads: intra-op threads per session; 0 lets onnxruntime choose (all cores).
+        spin: let idle onnxruntime threads spin (lower latency alone, worse when shared).
+        warmup: run each graph once at load so the first request is not slow.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        device: str = "auto",
+        threads: int = 0,
+        spin: bool = False,
+        warmup: bool = True,
+        version: str | None = None,
+    ):
+        model_dir = Path(model_dir)
+        providers = choose_providers(device)
+        opts = session_options(threads, spin)
+        try:
+            self._encoder = ort.InferenceSession(str(model_dir / "encoder.onnx"), opts, providers)
+            self._step = ort.InferenceSession(str(model_dir / "step.onnx"), opts, providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise PredictorError(f"{model_dir}: cannot load the ONNX graphs ({exc})") from None
+        # Metadata from the sessions just opened (the encoder is not loaded twice); both
+        # graphs must come from the same export, or features would not fit the step.
+        meta = read_metadata(self._encoder, str(model_dir / "encoder.onnx"))
+        if read_metadata(self._step, str(model_dir / "step.onnx")) != meta:
+            raise PredictorError(
+                f"{model_dir}: encoder.onnx and step.onnx carry different metadata"
+                " (graphs from two different exports)"
+            )
+        if version is not None:
+            meta["model_version"] = version
+        self.info = ModelInfo.from_metadata(meta, str(model_dir / "encoder.onnx"))
+        self.model_dir = model_dir
+        self.provider = self._step.get_providers()[0]
+        log.info("loaded %s (v%s) on %s", model_dir, self.info.model_version, self.provider)
+        if warmup:
+            self.warm_up()
+
+    @classmethod
+    def load(cls, uri: str | Path, **kwargs) -> Predictor:
+        """Load from a directory or an MLflow URI (``models:/seqops@champion``)."""
+        model_dir, version = resolve_model_dir(uri)
+        return cls(model_dir, version=version, **kwargs)
+
+    # -- inputs ------------------------------------------------------------------------
+
+    def prepare(
+        self, image: Image.Image | bytes | str | Path, exemplars: Sequence | None = None
+    ) -> PreparedImage:
+        """Decode/resize/normalise an image and render its exemplar boxes (original px)."""
+        if not isinstance(image, Image.Image):
+            image = imaging.load_image(image)
+        pixels, scale = imaging.resize_for_model(image.convert("RGB"), self.info.image_size)
+        mask = self._exemplar_mask(exemplars, image.size, scale)
+        return PreparedImage(imaging.normalize_pixels(pixels), image.size, scale, mask)
+
+    def _exemplar_mask(self, exemplars, size, scale) -> np.ndarray | None:
+        given = exemplars is not None and len(exemplars) > 0
+        if not self.info.exemplars:
+            if given:
+                raise PredictorError(
+                    "exemplars: this model was trained without exemplars; send none"
+                )
+            return None
+        if not given:
+            raise PredictorError(
+                f"exemplars: this model counts the kind shown by 1-{MAX_EXEMPLARS} exemplar boxes"
+                " [x1, y1, x2, y2] (original image pixels); none were given"
+            )
+        boxes = np.asarray(exemplars, np.float64)
+        if boxes.ndim != 2 or boxes.shape[1] != 4 or not 1 <= len(boxes) <= MAX_EXEMPLARS:
+            raise PredictorError(
+                f"exemplars: expected 1-{MAX_EXEMPLARS} boxes [x1, y1, x2, y2], got {exemplars!r}"
+            )
+        width, height = size
+        for box in boxes:
+            x1, y1, x2, y2 = box
+            if not (0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height):
+                raise PredictorError(
+                    f"exemplars: box {box.tolist()} is empty or outside the {width}x{height} image"
+                )
+        boxes_model = boxes * np.array([scale[0], scale[1], scale[0], scale[1]])
+        mask = imaging.render_exemplar_mask(boxes_model, self.info.image_size, self.info.grid)
+        return mask[None]
+
+    # -- the two graphs ---------------------------------------------------------------
+
+    def encode(self, images: Sequence[PreparedImage]) -> np.ndarray:
+        """Run the encoder on a batch: ``[B, C, g, g]`` features."""
+        feed = {"image": np.stack([im.pixels for im in images])}
+        if self.info.exemplars:
+            feed["exemplar_mask"] = np.stack([im.exemplar_mask for im in images])
+        return self._encoder.run(["features"], feed)[0]
+
+    def step(self, features: np.ndarray, marks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Run one step on a batch: normalised ``xy`` ``[B, 2]`` and ``done`` ``[B]``."""
+        xy, done = self._step.run(["xy", "done"], {"features": features, "marks": marks})
+        return xy, done
+
+    def start(self, images: Sequence[PreparedImage]) -> list[Rollout]:
+        """Encode a batch and return one fresh :class:`Rollout` per image."""
+        features = self.encode(images)
+        grid = self.info.grid
+        return [
+            Rollout(im, features[i], np.zeros((1, grid, grid), np.float32))
+            for i, im in enumerate(images)
+        ]
+
+    def advance(
+        self, rollouts: Sequence[Rollout], threshold: float, max_objects: int
+    ) -> list[bool]:
+        """One batched step for ``rollouts``; returns which of them finished."""
+        features = np.stack([r.features for r in rollouts])
+        marks = np.stack([r.marks for r in rollouts])
+        xy, done = self.step(features, marks)
+        sigma = self.info.mark_sigma
+        return [
+            r.advance(xy[i], done[i], threshold, max_objects, sigma) for i, r in enumerate(rollouts)
+        ]
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def predict(
+        self,
+        images: Sequence[Image.Image | bytes | str | Path | PreparedImage],
+        exemplars: Sequence[Sequence | None] | None = None,
+        max_objects: int = DEFAULT_MAX_OBJECTS,
+        done_threshold: float | None = None,
+        deadline: float | None = None,
+    ) -> list[Prediction]:
+        """Count every image: encode the batch once, then step all unfinished images together.
+
+        Args:
+            images: images (PIL, encoded bytes, paths) or already prepared ones.
+            exemplars: per image, its exemplar boxes in original pixels (or None).
+            max_objects: guard against a loop that never says done.
+            done_threshold: stop when done exceeds it (default: the model's, 0.5).
+            deadline: ``time.monotonic()`` value after which the loop stops between steps.
+        """
+        if max_objects < 1:
+            raise PredictorError(f"max_objects: must be >= 1, got {max_objects}")
+        threshold = self.info.done_threshold if done_threshold is None else done_threshold
+        if not 0.0 < threshold < 1.0:
+            raise PredictorError(f"done_threshold: must be in (0, 1), got {threshold}")
+        if not images:
+            return []
+        exemplars = [None] * len(images) if exemplars is None else exemplars
+        if len(exemplars) != len(images):
+            raise PredictorError("exemplars: one entry per image expected")
+        t0 = time.perf_counter()
+        prepared = [
+            im if isinstance(im, PreparedImage) else self.prepare(im, ex)
+            for im, ex in zip(images, exemplars, strict=True)
+        ]
+        t_prep = time.perf_counter()
+        rollouts = self.start(prepared)
+        t_enc = time.perf_counter()
+        active = list(rollouts)
+        while active:
+            if deadline is not None and time.monotonic() > deadline:
+                for r in active:
+                    r.stopped_by = "deadline"
+                break
+            finished = self.advance(active, threshold, max_objects)
+            active = [r for r, f in zip(active, finished, strict=True) if not f]
+        t_end = time.perf_counter()
+        timings = {
+            "prepare": 1e3 * (t_prep - t0),
+            "encode": 1e3 * (t_enc - t_prep),
+            "steps": 1e3 * (t_end - t_enc),
+            "total": 1e3 * (t_end - t0),
+        }
+        return [self.finish(r, timings) for r in rollouts]
+
+    def finish(self, rollout: Rollout, timings_ms: dict[str, float]) -> Prediction:
+        """Turn a finished rollout into a :class:`Prediction` in original pixels."""
+        size = self.info.image_size
+        model_px = imaging.norm_to_pixels(np.asarray(rollout.points_norm), size)
+        sx, sy = rollout.image.scale
+        orig_px = model_px / np.array([sx, sy], np.float32)
+        return Prediction(
+            count=len(rollout.points_norm),
+            points=np.round(orig_px, 2).tolist(),
+            points_model=np.round(model_px, 2).tolist(),
+            done_probs=[round(p, 4) for p in rollout.done_probs],
+            stopped_by=rollout.stopped_by or "deadline",
+            timings_ms={k: round(v, 3) for k, v in timings_ms.items()},
+        )
+
+    def warm_up(self) -> None:
+        """Run each graph once on zeros (allocations and kernels chosen before traffic)."""
+        size, grid = self.info.image_size, self.info.grid
+        blank = PreparedImage(
+            np.zeros((3, size, size), np.float32),
+            (size, size),
+            (1.0, 1.0),
+            np.zeros((1, grid, grid), np.float32) if self.info.exemplars else None,
+        )
+        rollouts = self.start([blank])
+        self.advance(rollouts, 0.5, 1)
+
+
+def default_threads(workers: int = 1) -> int:
+    """Cores per worker, so several workers do not oversubscribe the CPU."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
