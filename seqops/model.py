@@ -1,0 +1,361 @@
+"""The next-object network: encode an image once, then step cheaply once per object.
+
+``SeqCounter.encode`` is the heavy part: a small encoder-decoder (U-Net-like, down to
+stride 32 with a global-context branch, back up to the feature grid at ``spec.stride``)
+over the RGB image plus two coordinate channels (CoordConv). With exemplars, a prototype
+of the exemplified kind is pooled from the features under the exemplar mask and the
+features are conditioned on it (a cosine-similarity map and FiLM).
+
+``SeqCounter.step`` is light: a few convolutions at grid resolution over the features,
+the marks map (objects already found, rendered by ``imaging.render_marks``) and the
+coordinate channels, giving heat-map logits, a spatial softmax and a soft-argmax (integral
+regression: sub-cell precise ``(x, y)``), and a done logit from avg+max pooled activations
+(max pooling lets it see "an unmarked object is left anywhere").
+
+Everything exports with ``torch.onnx.export``: no data-dependent control flow in
+``encode``/``step``, the soft-argmax is a softmax times a coordinate buffer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from seqops.config import Params
+
+HEADS = ("heatmap", "pooled")
+
+# Named sizes. MACs per encoding at 384 (benchmarks/bench_model.py): tiny ~0.11 G,
+# base ~0.75 G (1.5 GFLOPs); a step costs a few percent of that.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "stride": 8,
+        "mark_sigma": 1.0,
+        "widths": (8, 16, 24, 32, 48),
+        "depths": (0, 1, 1, 1, 1),
+        "decoder_channels": 24,
+        "step_channels": 16,
+    },
+    "base": {
+        "stride": 8,
+        "mark_sigma": 1.0,
+        "widths": (16, 32, 64, 96, 128),
+        "depths": (0, 1, 2, 2, 2),
+        "decoder_channels": 64,
+        "step_channels": 32,
+    },
+}
+
+# Initial done probability ~0.12: most training steps have an object left (done = 0).
+_DONE_PRIOR_LOGIT = -2.0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild the network; JSON-able via :meth:`to_dict`.
+
+    ``widths[i]`` is the encoder width at stride ``2 ** (i + 1)``; ``depths[i]`` the number
+    of residual 3x3 blocks after that level's stride-2 convolution; ``decoder_channels`` the
+    width of the top-down decoder; ``step_channels`` the width of the step, which is also
+    the channel count of the features ``encode`` returns.
+    """
+
+    preset: str
+    image_size: int
+    exemplars: bool
+    stride: int
+    mark_sigma: float
+    widths: tuple[int, ...]
+    depths: tuple[int, ...]
+    decoder_channels: int
+    step_channels: int
+    head: str = "heatmap"  # "heatmap" (soft-argmax) | "pooled" (the research's MLP on a pool)
+
+    def __post_init__(self) -> None:
+        def fail(field: str, why: str) -> None:
+            raise ValueError(f"ModelSpec.{field}={getattr(self, field)!r}: {why}")
+
+        if len(self.widths) < 2 or any(w < 1 for w in self.widths):
+            fail("widths", "need at least two positive widths")
+        if len(self.depths) != len(self.widths) or any(d < 0 for d in self.depths):
+            fail("depths", f"need {len(self.widths)} non-negative depths, one per width")
+        max_stride = 2 ** len(self.widths)
+        if self.stride not in [2**i for i in range(1, len(self.widths) + 1)]:
+            fail("stride", f"must be a power of two between 2 and {max_stride}")
+        # At least 2x2 cells at the deepest level: BatchNorm in training needs > 1 value.
+        if self.image_size < 2 * max_stride or self.image_size % max_stride:
+            fail("image_size", f"must be a multiple of the deepest stride {max_stride}, >= 2x")
+        if self.mark_sigma <= 0:
+            fail("mark_sigma", "must be > 0")
+        if self.decoder_channels < 1:
+            fail("decoder_channels", "must be >= 1")
+        if self.step_channels < 1:
+            fail("step_channels", "must be >= 1")
+        if self.head not in HEADS:
+            fail("head", f"must be one of {HEADS}")
+
+    @property
+    def grid(self) -> int:
+        """Side of the square feature grid (``image_size // stride``)."""
+        return self.image_size // self.stride
+
+    @property
+    def feature_channels(self) -> int:
+        """Channels of the features ``encode`` returns (the step's width)."""
+        return self.step_channels
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict (tuples become lists)."""
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelSpec:
+        """Rebuild from :meth:`to_dict` output; unknown or missing keys are errors."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"model spec: unknown keys {unknown} (known: {sorted(known)})")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise ValueError(f"model spec: {exc}") from None
+
+    @classmethod
+    def from_preset(
+        cls, preset: str, image_size: int, exemplars: bool, **overrides: Any
+    ) -> ModelSpec:
+        """A named preset at ``image_size``; ``overrides`` replace preset fields (e.g. head)."""
+        if preset not in PRESETS:
+            raise ValueError(f"model preset {preset!r}: unknown (known: {sorted(PRESETS)})")
+        fields = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+        return cls(preset=preset, image_size=image_size, exemplars=exemplars, **fields)
+
+
+def spec_from_params(params: Params) -> ModelSpec:
+    """The spec of ``params.model`` at ``params.prepare.image_size``."""
+    model = params.model
+    return ModelSpec.from_preset(
+        model.preset,
+        image_size=params.prepare.image_size,
+        exemplars=model.exemplars,
+        head=model.head,
+        stride=model.stride or None,  # 0: the preset's stride
+    )
+
+
+class StepOutput(NamedTuple):
+    """One step's prediction."""
+
+    xy: Tensor  # [B, 2] normalised (x, y) in [-1, 1]
+    done_logit: Tensor  # [B]
+    heat_logits: Tensor  # [B, grid, grid]
+
+
+def make_coord_grid(grid: int) -> Tensor:
+    """``[2, grid, grid]``: normalised x and y of cell centres (``imaging.grid_centres``)."""
+    centres = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid * 2.0 - 1.0
+    ys, xs = torch.meshgrid(centres, centres, indexing="ij")
+    return torch.stack([xs, ys])
+
+
+def soft_argmax(heat_logits: Tensor, coords: Tensor) -> Tensor:
+    """Expected ``(x, y)`` under ``softmax(heat_logits)`` over the grid.
+
+    Args:
+        heat_logits: ``[B, g, g]``.
+        coords: ``[2, g, g]`` from :func:`make_coord_grid`.
+
+    Returns:
+        ``[B, 2]``; sub-cell precise for a peak spread over neighbouring cells.
+    """
+    probs = torch.softmax(heat_logits.flatten(1), dim=1)  # [B, g*g]
+    return probs @ coords.flatten(1).t()  # [B, 2]
+
+
+def _conv_bn(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class _ResBlock(nn.Module):
+    """``x + bn(conv(x))`` then ReLU: one 3x3 conv per block, cheap and easy to train."""
+
+    def __init__(self, channels: int, dilation: int = 1) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(
+            channels, channels, 3, padding=dilation, dilation=dilation, bias=False
+        )
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(x + self.bn(self.conv(x)))
+
+
+class _Encoder(nn.Module):
+    """CoordConv input -> stride-2 levels down to ``2 ** L`` -> top-down decoder to the grid."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        widths, c = spec.widths, spec.decoder_channels
+        self.register_buffer("coords_in", make_coord_grid(spec.image_size), persistent=False)
+        levels, cin = [], 5  # RGB + (x, y)
+        for width, depth in zip(widths, spec.depths, strict=True):
+            blocks = [_conv_bn(cin, width, stride=2)] + [_ResBlock(width) for _ in range(depth)]
+            levels.append(nn.Sequential(*blocks))
+            cin = width
+        self.levels = nn.ModuleList(levels)
+        # Global context at the deepest level (image pooling): counting and done need the
+        # whole image; no norm here, so it works for one image in training mode.
+        self.context = nn.Sequential(nn.Conv2d(widths[-1], c, 1), nn.ReLU(inplace=True))
+        # Decoder levels: from the deepest up to the grid's stride (index of stride in levels).
+        self.out_level = int(math.log2(spec.stride)) - 1
+        self.lateral = nn.ModuleList(
+            nn.Conv2d(widths[i], c, 1) for i in range(self.out_level, len(widths))
+        )
+        self.smooth = nn.ModuleList(_conv_bn(c, c) for _ in range(self.out_level, len(widths) - 1))
+        if spec.exemplars:
+            self.film = nn.Linear(c, 2 * c)
+            nn.init.zeros_(self.film.weight)  # identity conditioning at the start
+            nn.init.zeros_(self.film.bias)
+            self.fuse = _conv_bn(c + 1, c)
+        self.head = _conv_bn(c, c)
+        # The step's first layer is linear in (features, coordinates, marks); the image-only
+        # part is computed here, once per image, so a step only adds the marks' term.
+        self.project = nn.Sequential(
+            nn.Conv2d(c + 2, spec.step_channels, 1, bias=False), nn.BatchNorm2d(spec.step_channels)
+        )
+        self.register_buffer("coords_grid", make_coord_grid(spec.grid), persistent=False)
+
+    def forward(self, images: Tensor, exemplar_mask: Tensor | None) -> Tensor:
+        b = images.shape[0]
+        x = torch.cat([images, self.coords_in.unsqueeze(0).expand(b, -1, -1, -1)], dim=1)
+        skips = []
+        for level in self.levels:
+            x = level(x)
+            skips.append(x)
+        top = skips[-1]
+        p = self.lateral[-1](top) + self.context(top.mean(dim=(2, 3), keepdim=True))
+        for i in range(len(skips) - 2, self.out_level - 1, -1):
+            j = i - self.out_level
+            p = F.interpolate(p, scale_factor=2.0, mode="nearest") + self.lateral[j](skips[i])
+            p = self.smooth[j](p)
+        if exemplar_mask is not None:
+            p = self._condition(p, exemplar_mask)
+        coords = self.coords_grid.unsqueeze(0).expand(b, -1, -1, -1)
+        return self.project(torch.cat([self.head(p), coords], dim=1))
+
+    def _condition(self, p: Tensor, mask: Tensor) -> Tensor:
+        """Condition on the prototype pooled under the exemplar mask (cosine map + FiLM)."""
+        # Masked average pooling; the clamp guards images without exemplar cells (proto = 0).
+        area = mask.sum(dim=(2, 3)).clamp_min(1e-6)  # [B, 1]
+        proto = (p * mask).sum(dim=(2, 3)) / area  # [B, C]
+        similarity = (F.normalize(p, dim=1) * F.normalize(proto, dim=1)[:, :, None, None]).sum(
+            dim=1, keepdim=True
+        )
+        gamma, beta = self.film(proto).chunk(2, dim=1)
+        p = p * (1.0 + gamma[:, :, None, None]) + beta[:, :, None, None]
+        return self.fuse(torch.cat([p, similarity], dim=1))
+
+
+class _Step(nn.Module):
+    """Features (already holding the coordinates) + marks -> heat logits, (x, y), done."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        s = spec.step_channels
+        self.head_kind = spec.head
+        self.register_buffer("coords", make_coord_grid(spec.grid), persistent=False)
+        # The marks' term of the first layer (the rest came normalised from the encoder, so
+        # BatchNorm never sees the marks' distribution, which differs in training and use).
+        self.mark_in = nn.Conv2d(1, s, 1, bias=False)
+        # Receptive field 1 + 2 + 4 = 7 cells: a mark's blob suppresses its own object and
+        # the neighbourhood is seen; reading order comes from the coordinate channels.
+        self.blocks = nn.Sequential(_ResBlock(s), _ResBlock(s, dilation=2))
+        self.heat = nn.Conv2d(s, 1, 1)
+        nn.init.normal_(self.heat.weight, std=1e-3)  # near-uniform heat map at the start
+        nn.init.zeros_(self.heat.bias)
+        self.done = nn.Sequential(nn.Linear(2 * s, s), nn.ReLU(inplace=True), nn.Linear(s, 1))
+        nn.init.constant_(self.done[-1].bias, _DONE_PRIOR_LOGIT)
+        if spec.head == "pooled":
+            # The research's head: a global pool, an MLP, tanh -> (x, y). For the measurement.
+            self.xy_mlp = nn.Sequential(
+                nn.Linear(2 * s, 2 * s), nn.ReLU(inplace=True), nn.Linear(2 * s, 2), nn.Tanh()
+            )
+
+    def forward(self, features: Tensor, marks: Tensor) -> StepOutput:
+        h = self.blocks(F.relu(features + self.mark_in(marks)))
+        heat_logits = self.heat(h).squeeze(1)  # [B, g, g]
+        pooled = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
+        done_logit = self.done(pooled).squeeze(1)
+        if self.head_kind == "pooled":
+            xy = self.xy_mlp(pooled)
+        else:
+            xy = soft_argmax(heat_logits, self.coords)
+        return StepOutput(xy=xy, done_logit=done_logit, heat_logits=heat_logits)
+
+
+class SeqCounter(nn.Module):
+    """The next-object network: :meth:`encode` once per image, :meth:`step` once per object."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.encoder = _Encoder(spec)
+        self.stepper = _Step(spec)
+
+    def encode(self, images: Tensor, exemplar_mask: Tensor | None = None) -> Tensor:
+        """``images [B,3,S,S]`` (+ ``exemplar_mask [B,1,g,g]`` iff ``spec.exemplars``) ->
+        features ``[B, feature_channels, g, g]``."""
+        spec = self.spec
+        if spec.exemplars and exemplar_mask is None:
+            raise ValueError("encode: this model was built with exemplars; pass exemplar_mask")
+        if not spec.exemplars and exemplar_mask is not None:
+            raise ValueError("encode: this model was built without exemplars; got exemplar_mask")
+        if not _is_exporting():
+            _check_shape("images", images, (3, spec.image_size, spec.image_size))
+            if exemplar_mask is not None:
+                _check_shape("exemplar_mask", exemplar_mask, (1, spec.grid, spec.grid))
+        return self.encoder(images, exemplar_mask)
+
+    def step(self, features: Tensor, marks: Tensor) -> StepOutput:
+        """``features [B,C,g,g]`` from :meth:`encode` + ``marks [B,1,g,g]`` -> StepOutput."""
+        if not _is_exporting():
+            g = self.spec.grid
+            _check_shape("features", features, (self.spec.feature_channels, g, g))
+            _check_shape("marks", marks, (1, g, g))
+            if marks.shape[0] != features.shape[0]:
+                raise ValueError(
+                    f"step: marks batch {marks.shape[0]} != features batch {features.shape[0]}"
+                )
+        return self.stepper(features, marks)
+
+    def forward(
+        self, images: Tensor, marks: Tensor, exemplar_mask: Tensor | None = None
+    ) -> StepOutput:
+        """Encode + step: the whole network per object (the research's way; for baselines)."""
+        return self.step(self.encode(images, exemplar_mask), marks)
+
+
+def _is_exporting() -> bool:
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+
+
+def _check_shape(name: str, tensor: Tensor, expected: tuple[int, ...]) -> None:
+    if tensor.dim() != len(expected) + 1 or tuple(tensor.shape[1:]) != expected:
+        raise ValueError(
+            f"{name}: expected shape [B, {', '.join(map(str, expected))}], got {list(tensor.shape)}"
+        )

@@ -1,0 +1,175 @@
+"""Training data: a prepared split held in memory, and batches of many steps per image.
+
+Each PNG is decoded once, when the split is loaded (a uint8 array of ``N x S x S x 3``),
+so epochs cost no decoding. An item is one image with ``steps_per_image`` steps drawn by
+:func:`seqops.sampling.sample_image_steps`; a batch stacks ``B`` images and ``B * K`` steps,
+with ``step_image`` saying which image each step belongs to (the model encodes the ``B``
+images once and steps ``B * K`` times).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from seqops.config import Params
+from seqops.data.manifest import (
+    DatasetError,
+    Record,
+    manifest_path,
+    read_dataset_info,
+    read_manifest,
+)
+from seqops.imaging import load_image, normalize_pixels, render_exemplar_mask
+from seqops.sampling import sample_image_steps
+
+# Validation steps come from this fixed seed, whatever train.seed is, so val/loss compares
+# across epochs and across runs.
+VAL_SEED = 1234
+
+
+def load_pixels(dataset_dir: str | Path, records: list[Record], image_size: int) -> np.ndarray:
+    """Decode every record's image once: uint8 ``[N, S, S, 3]``.
+
+    Raises:
+        DatasetError: an image is not at the model input size (names the file).
+    """
+    pixels = np.zeros((len(records), image_size, image_size, 3), np.uint8)
+    for i, record in enumerate(records):
+        path = Path(dataset_dir) / record.image
+        image = load_image(path)
+        if image.size != (image_size, image_size):
+            raise DatasetError(
+                f"{path}: image is {image.size[0]}x{image.size[1]}, the model input is "
+                f"{image_size}x{image_size} (prepare the dataset at prepare.image_size)"
+            )
+        pixels[i] = np.asarray(image, np.uint8)
+    return pixels
+
+
+def fingerprint_dataset(dataset_dir: str | Path) -> str:
+    """A short hash of ``dataset.json`` and the train/val manifests: resuming checks it."""
+    digest = hashlib.sha256()
+    for name in ("dataset.json", "train.jsonl", "val.jsonl"):
+        path = Path(dataset_dir) / name
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+class StepDataset(Dataset):
+    """One prepared split; item ``i`` is image ``i`` with its sampled steps.
+
+    Training items (``augment=True``) draw new steps each epoch (seeded by ``seed``, epoch and
+    index, so a resumed run draws what the uninterrupted one would); validation items use
+    clean marks and the same steps every epoch.
+    """
+
+    def __init__(
+        self,
+        dataset_dir: str | Path,
+        split: str,
+        params: Params,
+        grid: int,
+        mark_sigma: float,
+        exemplars: bool,
+        augment: bool,
+        seed: int,
+    ) -> None:
+        self.dataset_dir = Path(dataset_dir)
+        info = read_dataset_info(dataset_dir)
+        self.image_size = int(params.prepare.image_size)
+        if int(info.get("image_size", -1)) != self.image_size:
+            raise DatasetError(
+                f"{self.dataset_dir / 'dataset.json'}: image_size {info.get('image_size')} "
+                f"differs from prepare.image_size {self.image_size}"
+            )
+        self.records = read_manifest(manifest_path(dataset_dir, split))
+        if not self.records:
+            raise DatasetError(f"{manifest_path(dataset_dir, split)}: no records")
+        self.pixels = load_pixels(dataset_dir, self.records, self.image_size)
+        self.sampling = params.sampling
+        self.augment = params.train.augment if augment else None
+        self.grid, self.mark_sigma, self.exemplars = grid, mark_sigma, exemplars
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Training draws depend on the epoch (set before each epoch's iterator)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def rng(self, index: int) -> np.random.Generator:
+        if self.augment is None:
+            return np.random.default_rng([self.seed, index])
+        return np.random.default_rng([self.seed, self.epoch, index])
+
+    def exemplar_mask(self, index: int) -> np.ndarray:
+        """``[1, g, g]`` exemplar mask of image ``index``."""
+        boxes = self.records[index].exemplars_array()
+        return render_exemplar_mask(boxes, self.image_size, self.grid)[None]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        steps = sample_image_steps(
+            record.points_array(),
+            self.image_size,
+            self.sampling,
+            self.grid,
+            self.mark_sigma,
+            self.rng(index),
+            augment=self.augment,
+        )
+        item = {
+            "image": normalize_pixels(self.pixels[index]),
+            "marks": steps.marks[:, None],
+            "target_xy": steps.target_xy,
+            "done": steps.done,
+            "unmarked": steps.unmarked,
+            "points": record.points_array() * (2.0 / self.image_size) - 1.0,
+            "index": index,
+        }
+        if self.exemplars:
+            item["exemplar_mask"] = self.exemplar_mask(index)
+        return item
+
+
+def collate_steps(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack ``B`` images and their ``B * K`` steps.
+
+    Returns tensors: ``images [B,3,S,S]``, optional ``exemplar_mask [B,1,g,g]``, ``marks
+    [BK,1,g,g]``, ``target_xy [BK,2]``, ``done [BK]``, ``step_image [BK]`` (image of each
+    step), ``points [BK,Nmax,2]`` and ``unmarked [BK,Nmax]`` (padded; for
+    ``nearest_unmarked`` targets), ``index [B]`` (dataset indices).
+    """
+    steps = [len(it["done"]) for it in items]
+    n_max = max(1, max(len(it["points"]) for it in items))
+    total = sum(steps)
+    points = np.zeros((total, n_max, 2), np.float32)
+    unmarked = np.zeros((total, n_max), bool)
+    row = 0
+    for it, k in zip(items, steps, strict=True):
+        n = len(it["points"])
+        points[row : row + k, :n] = it["points"]
+        unmarked[row : row + k, :n] = it["unmarked"]
+        row += k
+    batch = {
+        "images": torch.from_numpy(np.stack([it["image"] for it in items])),
+        "marks": torch.from_numpy(np.concatenate([it["marks"] for it in items])),
+        "target_xy": torch.from_numpy(np.concatenate([it["target_xy"] for it in items])),
+        "done": torch.from_numpy(np.concatenate([it["done"] for it in items])),
+        "step_image": torch.repeat_interleave(torch.arange(len(items)), torch.tensor(steps)),
+        "points": torch.from_numpy(points),
+        "unmarked": torch.from_numpy(unmarked),
+        "index": torch.tensor([it["index"] for it in items]),
+    }
+    if "exemplar_mask" in items[0]:
+        batch["exemplar_mask"] = torch.from_numpy(np.stack([it["exemplar_mask"] for it in items]))
+    return batch

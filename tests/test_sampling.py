@@ -1,0 +1,110 @@
+"""Training steps drawn from a sequence: k values, targets, and the mark augmentation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from seqops.config import AugmentConfig, SamplingConfig
+from seqops.imaging import pixels_to_norm, render_marks
+from seqops.sampling import augment_marks, choose_ks, sample_image_steps
+
+SIZE, GRID, SIGMA = 64, 8, 1.0
+POINTS_PX = np.array([[10, 10], [40, 12], [20, 40], [50, 50], [8, 56]], np.float32)
+NO_NOISE = AugmentConfig(mark_jitter_px=0, mark_drop_prob=0, spurious_mark_prob=0)
+
+
+def rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+@pytest.mark.parametrize(
+    ("steps", "share", "n_done"), [(8, 0.2, 2), (8, 0.0, 1), (10, 0.5, 5), (3, 1.0, 3), (1, 0.2, 1)]
+)
+def test_choose_ks_puts_the_done_share_at_k_equals_n(steps, share, n_done):
+    ks = choose_ks(5, steps, share, rng())
+    assert len(ks) == steps
+    assert int(np.sum(ks == 5)) >= n_done  # the uniform draws never reach N
+    assert np.all(ks[:n_done] == 5)
+    assert np.all((ks[n_done:] >= 0) & (ks[n_done:] <= 4))
+
+
+def test_choose_ks_covers_every_k_below_n():
+    ks = np.concatenate([choose_ks(5, 8, 0.2, rng(s)) for s in range(50)])
+    assert set(ks.tolist()) == {0, 1, 2, 3, 4, 5}
+    assert np.mean(ks == 5) == pytest.approx(0.25)  # 2 of 8 per image
+
+
+def test_choose_ks_without_objects_is_all_done():
+    assert choose_ks(0, 4, 0.2, rng()).tolist() == [0, 0, 0, 0]
+
+
+def test_clean_steps_have_the_next_point_as_target_and_the_first_k_as_marks():
+    ks = np.array([0, 2, 4, 5])
+    steps = sample_image_steps(POINTS_PX, SIZE, SamplingConfig(), GRID, SIGMA, rng(), ks=ks)
+    points = pixels_to_norm(POINTS_PX, SIZE)
+    assert steps.k.tolist() == [0, 2, 4, 5]
+    assert steps.done.tolist() == [0, 0, 0, 1]
+    np.testing.assert_allclose(steps.target_xy[:3], points[[0, 2, 4]])
+    np.testing.assert_array_equal(steps.target_xy[3], [0, 0])
+    for i, k in enumerate(ks):
+        np.testing.assert_allclose(steps.mark_points[i], points[:k])
+        np.testing.assert_allclose(steps.marks[i], render_marks(points[:k], GRID, SIGMA))
+        assert steps.unmarked[i].tolist() == [j >= k for j in range(5)]
+    assert steps.marks.shape == (4, GRID, GRID)
+    assert steps.marks.dtype == np.float32
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    augment = AugmentConfig(mark_jitter_px=2, mark_drop_prob=0.3, spurious_mark_prob=0.5)
+    a = sample_image_steps(POINTS_PX, SIZE, SamplingConfig(), GRID, SIGMA, rng(7), augment)
+    b = sample_image_steps(POINTS_PX, SIZE, SamplingConfig(), GRID, SIGMA, rng(7), augment)
+    np.testing.assert_array_equal(a.k, b.k)
+    np.testing.assert_array_equal(a.marks, b.marks)
+
+
+def test_jitter_moves_marks_by_about_the_configured_pixels():
+    points = pixels_to_norm(POINTS_PX, SIZE)
+    augment = AugmentConfig(mark_jitter_px=1.5, mark_drop_prob=0, spurious_mark_prob=0)
+    offsets = []
+    for seed in range(200):
+        marks, dropped = augment_marks(points, 4, augment, SIZE, 0.5, rng(seed))
+        assert not dropped.any()
+        offsets.append((marks - points[:4]) * SIZE / 2)  # back to pixels
+    offsets = np.concatenate(offsets)
+    assert np.abs(offsets).max() > 0
+    assert offsets.std() == pytest.approx(1.5, rel=0.1)
+
+
+def test_dropped_marks_become_unmarked_but_never_at_k_equals_n():
+    augment = AugmentConfig(mark_jitter_px=0, mark_drop_prob=1.0, spurious_mark_prob=0)
+    ks = np.array([3, 5])
+    steps = sample_image_steps(POINTS_PX, SIZE, SamplingConfig(), GRID, SIGMA, rng(), augment, ks)
+    assert len(steps.mark_points[0]) == 0  # every mark of k=3 dropped
+    assert steps.unmarked[0].all()  # so every object counts as unmarked
+    np.testing.assert_allclose(steps.target_xy[0], pixels_to_norm(POINTS_PX, SIZE)[3])
+    assert len(steps.mark_points[1]) == 5  # k = N keeps every mark: done must stay true
+    assert steps.done.tolist() == [0, 1]
+
+
+def test_spurious_marks_land_away_from_every_object():
+    points = pixels_to_norm(POINTS_PX, SIZE)
+    augment = AugmentConfig(mark_jitter_px=0, mark_drop_prob=0, spurious_mark_prob=1.0)
+    clearance = 0.4
+    for seed in range(50):
+        marks, _ = augment_marks(points, 2, augment, SIZE, clearance, rng(seed))
+        assert len(marks) == 3
+        np.testing.assert_allclose(marks[:2], points[:2])
+        assert np.abs(points - marks[2]).sum(1).min() >= clearance
+
+
+def test_augmentation_is_off_with_zero_settings():
+    a = sample_image_steps(POINTS_PX, SIZE, SamplingConfig(), GRID, SIGMA, rng(3), NO_NOISE)
+    b = sample_image_steps(POINTS_PX, SIZE, SamplingConfig(), GRID, SIGMA, rng(3))
+    np.testing.assert_array_equal(a.k, b.k)
+    np.testing.assert_allclose(a.marks, b.marks)
+
+
+def test_k_out_of_range_is_an_error():
+    with pytest.raises(ValueError, match=r"\[0, 5\]"):
+        sample_image_steps(POINTS_PX, SIZE, SamplingConfig(), GRID, SIGMA, rng(), ks=[6])

@@ -1,0 +1,297 @@
+"""The train stage on tiny data: learning, outputs, resume, early stopping, MLflow, DDP, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import socket
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, TINY_OVERRIDES, make_tiny_dataset, shrink_params
+
+from seqops import checkpoint as ckpt
+from seqops.cli import main
+from seqops.data.manifest import read_manifest
+from seqops.imaging import load_image, normalize_pixels, pixels_to_norm, render_marks
+from seqops.model import StepOutput
+from seqops.train import check_gradients, run_train
+from seqops.train_data import StepDataset, collate_steps
+from seqops.train_metrics import compute_step_losses, reduce_losses
+from seqops.train_state import EarlyStopping, resume_mismatch
+
+# Plain settings for tests that compare runs: no schedule, no mark noise.
+PLAIN = ("train.lr_schedule=none", "train.rollout_images=0", "train.picture_samples=0")
+
+
+def train(params, data, tmp_path, **kwargs) -> dict:
+    kwargs.setdefault("track", False)
+    return run_train(
+        params,
+        data,
+        tmp_path / "models",
+        metrics_path=tmp_path / "metrics" / "train.json",
+        plots_path=tmp_path / "plots" / "train.csv",
+        **kwargs,
+    )
+
+
+def read_plots(tmp_path) -> list[dict[str, str]]:
+    with open(tmp_path / "plots" / "train.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_batch_holds_k_steps_per_image(tiny_dataset, tiny_params):
+    ds = StepDataset(tiny_dataset, "train", tiny_params, 8, 1.0, False, augment=True, seed=0)
+    batch = collate_steps([ds[0], ds[1], ds[2]])
+    k = tiny_params.sampling.steps_per_image
+    assert batch["images"].shape == (3, 3, 64, 64)
+    assert batch["marks"].shape == (3 * k, 1, 8, 8)
+    assert batch["step_image"].tolist() == [i for i in range(3) for _ in range(k)]
+    assert batch["points"].shape[:2] == batch["unmarked"].shape == (3 * k, batch["points"].shape[1])
+    assert batch["done"].sum() >= 3  # every image has its k = N step
+    before = [ds[i]["marks"] for i in range(len(ds))]
+    ds.set_epoch(1)  # training draws new steps each epoch
+    assert any(not np.array_equal(b, ds[i]["marks"]) for i, b in enumerate(before))
+
+
+def test_validation_steps_are_the_same_every_epoch(tiny_dataset, tiny_params):
+    ds = StepDataset(tiny_dataset, "val", tiny_params, 8, 1.0, False, augment=False, seed=5)
+    first = ds[1]
+    ds.set_epoch(7)
+    np.testing.assert_array_equal(first["marks"], ds[1]["marks"])
+
+
+def test_a_tiny_model_learns_and_writes_every_output(tiny_dataset, tmp_path):
+    params = shrink_params("train.epochs=3", "train.lr=0.005")
+    metrics = train(params, tiny_dataset, tmp_path)
+    rows = read_plots(tmp_path)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert float(rows[-1]["train/loss"]) < float(rows[0]["train/loss"])
+    assert float(rows[-1]["val/loss"]) < float(rows[0]["val/loss"])
+    assert list(rows[0])[:3] == ["epoch", "train/loss", "val/loss"]
+    for key in (
+        "val/loss_spatial", "val/loss_done", "val/loss_heatmap", "val/mse", "val/px_err_mean",
+        "val/px_err_median", "val/px_err_p90", "val/done_acc", "val/done_precision",
+        "val/done_recall", "val/done_f1", "val/count_mae", "val/count_exact",
+        "train/loss_spatial", "train/loss_done", "train/loss_heatmap", "train/mse",
+    ):  # fmt: skip
+        assert key in metrics, key
+    assert metrics["grad/xy_head"] > 0 and metrics["grad/done_head"] > 0  # heads were found
+    assert json.loads((tmp_path / "metrics" / "train.json").read_text()) == metrics
+    run_info = json.loads((tmp_path / "models" / "train_run.json").read_text())
+    assert run_info["best_epoch"] == metrics["best_epoch"]
+    assert run_info["best_val_loss"] == pytest.approx(metrics["val/loss"])
+    best = ckpt.load_checkpoint(tmp_path / "models" / "best.pt")
+    assert best["epoch"] == metrics["best_epoch"]
+    assert best["best_val_loss"] == pytest.approx(metrics["val/loss"])
+    assert best["params"]["train"]["lr"] == 0.005
+
+
+def test_resume_continues_at_the_next_epoch_with_the_optimizer_state(tiny_dataset, tmp_path):
+    straight = tmp_path / "straight"
+    train(shrink_params("train.epochs=3", *PLAIN), tiny_dataset, straight)
+    resumed = tmp_path / "resumed"
+    train(shrink_params("train.epochs=2", *PLAIN), tiny_dataset, resumed)
+    assert ckpt.load_checkpoint(resumed / "models" / "last.pt")["epoch"] == 2
+    more = shrink_params("train.epochs=3", *PLAIN)
+    metrics = train(more, tiny_dataset, resumed, resume="require")
+    assert metrics["epochs_trained"] == 3
+    assert [int(r["epoch"]) for r in read_plots(resumed)] == [1, 2, 3]
+    # Same weights as the uninterrupted run: AdamW's moments, the epoch's shuffle and steps
+    # and the RNG state all came back.
+    a = ckpt.load_checkpoint(straight / "models" / "last.pt")
+    b = ckpt.load_checkpoint(resumed / "models" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 3
+    for name, value in a["model_state"].items():
+        torch.testing.assert_close(b["model_state"][name], value, msg=name)
+
+
+def test_resume_needs_matching_params(tiny_dataset, tmp_path, caplog):
+    train(shrink_params("train.epochs=1", *PLAIN), tiny_dataset, tmp_path)
+    changed = shrink_params("train.epochs=2", "train.lr=0.01", *PLAIN)
+    with pytest.raises(ValueError, match=r"train\.lr"):
+        train(changed, tiny_dataset, tmp_path, resume="require")
+    with caplog.at_level(logging.WARNING):
+        metrics = train(changed, tiny_dataset, tmp_path)  # auto: fresh start
+    assert "not resuming" in caplog.text
+    assert metrics["epochs_trained"] == 2
+
+
+def test_resume_mismatch_names_what_differs(tiny_params):
+    state = {
+        "model_spec": {"a": 1},
+        "params": tiny_params.model_dump(mode="json"),
+        "data_fingerprint": "abc",
+        "optimizer_state": {},
+    }
+    more_epochs = shrink_params("train.epochs=9", "train.patience=2", "train.max_minutes=5")
+    assert resume_mismatch(state, {"a": 1}, more_epochs, "abc") is None
+    assert "model spec" in resume_mismatch(state, {"a": 2}, tiny_params, "abc")
+    assert "data" in resume_mismatch(state, {"a": 1}, tiny_params, "xyz")
+    reason = resume_mismatch(state, {"a": 1}, shrink_params("train.loss.w_done=1.0"), "abc")
+    assert "train.loss.w_done (3.0 -> 1.0)" in reason
+
+
+def test_a_corrupt_last_checkpoint_means_a_fresh_start(tiny_dataset, tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "last.pt").write_bytes(b"garbage")
+    metrics = train(shrink_params("train.epochs=1", *PLAIN), tiny_dataset, tmp_path)
+    assert metrics["epochs_trained"] == 1
+
+
+def test_early_stopping_stops_on_a_plateau():
+    stopper = EarlyStopping(patience=3)
+    decisions = []
+    for epoch, value in enumerate([1.0, 0.8, 0.81, 0.8, math.nan, 0.9], start=1):
+        stopper.update(value, epoch)
+        decisions.append(stopper.should_stop)
+    assert decisions == [False, False, False, False, True, True]
+    assert (stopper.best, stopper.best_epoch) == (0.8, 2)
+    restored = EarlyStopping(patience=5)
+    restored.load_state_dict(stopper.state_dict())
+    assert (restored.best_epoch, restored.bad_epochs, restored.patience) == (2, 4, 5)
+    assert not restored.should_stop  # a larger patience lets a resumed run go on
+    assert restored.update(0.5, 7) and restored.bad_epochs == 0
+
+
+def test_the_time_budget_stops_after_the_epoch_that_crosses_it(tiny_dataset, tmp_path):
+    params = shrink_params("train.epochs=5", "train.max_minutes=0.00001", *PLAIN)
+    metrics = train(params, tiny_dataset, tmp_path)
+    assert metrics["epochs_trained"] == 1
+    run_info = json.loads((tmp_path / "models" / "train_run.json").read_text())
+    assert run_info["stopped_reason"] == "time_budget"
+
+
+def test_gradient_check_warns_on_vanishing_and_exploding_heads(caplog):
+    with caplog.at_level(logging.WARNING):
+        warnings = check_gradients({"xy_head": 0.0, "done_head": 5e3, "other": 0.5}, epoch=4)
+    assert len(warnings) == 2
+    assert "vanishing gradient in the xy_head" in caplog.text
+    assert "exploding gradient in the done_head" in caplog.text
+
+
+def test_the_mlflow_run_holds_params_metrics_pictures_and_the_checkpoint(
+    tiny_dataset, tmp_path, mlflow_uri
+):
+    from mlflow import MlflowClient
+
+    metrics = train(shrink_params(), tiny_dataset, tmp_path, track=True)
+    run_info = json.loads((tmp_path / "models" / "train_run.json").read_text())
+    assert run_info["tracking_uri"] == mlflow_uri
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(run_info["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.info.experiment_id == run_info["experiment_id"]
+    assert run.data.params["train.loss.w_done"] == "3.0"
+    assert run.data.params["prepare.image_size"] == "64"
+    assert run.data.tags["dvc_stage"] == "train"
+    assert run.data.tags["device"] == "cpu"
+    history = client.get_metric_history(run.info.run_id, "val/loss")
+    assert [m.step for m in history] == [1, 2]
+    assert history[metrics["best_epoch"] - 1].value == pytest.approx(metrics["val/loss"])
+    assert "val/px_err_median" in run.data.metrics
+    for epoch in (1, 2):
+        folder = f"pictures/epoch_{epoch:03d}"
+        names = sorted(a.path for a in client.list_artifacts(run.info.run_id, folder))
+        expected = [f"{folder}/{kind}_{i}.png" for kind in ("rollout", "sample") for i in range(2)]
+        assert names == expected
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == [
+        "checkpoint/best.pt"
+    ]
+
+
+def test_done_is_higher_with_every_object_marked_than_with_none(tmp_path):
+    data = make_tiny_dataset(tmp_path / "prepared", num_train=24, num_val=8)
+    params = shrink_params("train.epochs=8", "train.lr=0.005", "train.rollout_images=0")
+    train(params, data, tmp_path)
+    model, _ = ckpt.load_model(tmp_path / "models" / "best.pt")
+    spec = model.spec
+    gaps = []
+    with torch.no_grad():
+        for record in read_manifest(data / "val.jsonl"):
+            pixels = np.asarray(load_image(data / record.image))
+            features = model.encode(torch.from_numpy(normalize_pixels(pixels))[None])
+            points = pixels_to_norm(record.points_array(), 64)
+            done = []
+            for k in (0, len(points)):
+                marks = render_marks(points[:k], spec.grid, spec.mark_sigma)
+                out = model.step(features, torch.from_numpy(marks)[None, None])
+                done.append(torch.sigmoid(out.done_logit).item())
+            gaps.append(done[1] - done[0])
+    assert min(gaps) > 0, gaps
+    assert np.mean(gaps) > 0.2, gaps
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_environment_trains_with_ddp_on_gloo(tiny_dataset, tmp_path, monkeypatch):
+    for key, value in {
+        "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+    }.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    metrics = train(shrink_params("train.epochs=1", *PLAIN), tiny_dataset, tmp_path)
+    assert metrics["epochs_trained"] == 1
+    assert (tmp_path / "models" / "best.pt").is_file()
+    assert not torch.distributed.is_initialized()  # the process group was closed
+
+
+def test_cli_train_writes_the_stage_outputs(tiny_dataset, tmp_path, capsys):
+    sets = [arg for o in (*TINY_OVERRIDES, "train.epochs=1", *PLAIN) for arg in ("--set", o)]
+    argv = ["train", "--params", str(ROOT / "params.yaml"), *sets, "--data", str(tiny_dataset)]
+    argv += ["--out", str(tmp_path / "models"), "--metrics", str(tmp_path / "m.json")]
+    argv += ["--plots", str(tmp_path / "p.csv"), "--no-mlflow"]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((tmp_path / "m.json").read_text())
+    assert {p.name for p in (tmp_path / "models").iterdir()} == {
+        "best.pt",
+        "last.pt",
+        "train_run.json",
+    }
+    missing = ["train", "--params", str(ROOT / "params.yaml"), "--data", str(tmp_path / "none")]
+    assert main([*missing, "--out", str(tmp_path / "x"), "--no-mlflow"]) == 2
+    assert "dataset.json" in capsys.readouterr().err
+
+
+def test_nearest_unmarked_scores_against_the_closest_unmarked_object(tiny_params):
+    points = torch.tensor([[[-0.5, -0.5], [0.5, 0.5], [0.0, 0.9]]] * 2)
+    batch = {
+        "done": torch.tensor([0.0, 1.0]),
+        "target_xy": torch.tensor([[0.5, 0.5], [0.0, 0.0]]),  # ordered: object 1 is next
+        "points": points,
+        "unmarked": torch.tensor([[False, True, True], [False, False, False]]),
+    }
+    out = StepOutput(
+        xy=torch.tensor([[0.05, 0.85], [0.3, 0.3]]),
+        done_logit=torch.zeros(2),
+        heat_logits=torch.zeros(2, 8, 8),
+    )
+    nearest = compute_step_losses(out, batch, shrink_params("train.target=nearest_unmarked").train)
+    ordered = compute_step_losses(out, batch, tiny_params.train)
+    torch.testing.assert_close(nearest.target_xy, torch.tensor([[0.0, 0.9], [0.0, 0.0]]))
+    torch.testing.assert_close(ordered.target_xy, torch.tensor([[0.5, 0.5], [0.0, 0.0]]))
+    assert nearest.spatial[0] < 0.02 < ordered.spatial[0]
+    assert nearest.live.tolist() == [True, False]
+    reduced = reduce_losses(nearest, tiny_params.train)
+    assert all(torch.isfinite(v) for v in reduced.values())
+    assert reduced["loss_spatial"] == pytest.approx(float(nearest.spatial[0]))  # done step out
+
+
+def test_workers_exemplars_and_nearest_unmarked_train(tiny_dataset, tmp_path):
+    params = shrink_params(
+        "train.epochs=1", "train.num_workers=2", "model.exemplars=true",
+        "train.target=nearest_unmarked", "train.loss.variant=continuous", *PLAIN,
+    )  # fmt: skip
+    metrics = train(params, tiny_dataset, tmp_path)
+    assert math.isfinite(metrics["val/loss"])
+    model, _ = ckpt.load_model(tmp_path / "models" / "best.pt")
+    assert model.spec.exemplars
