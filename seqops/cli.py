@@ -86,6 +86,215 @@ def _register_data(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_data_balance)
 
 
+# --- train ---------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from seqops.train import run_train
+
+    metrics = run_train(
+        _params(args),
+        data_dir=args.data,
+        out_dir=args.out,
+        metrics_path=args.metrics,
+        plots_path=args.plots,
+        resume=args.resume,
+        track=not args.no_mlflow,
+    )
+    if metrics:  # empty on torchrun ranks other than 0
+        _print_json(metrics)
+    return 0
+
+
+def _register_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train the network (the `train` DVC stage; under torchrun: DDP)",
+        description="Train on a prepared dataset; write best.pt, last.pt and train_run.json "
+        "under --out, the metrics JSON and the per-epoch plots CSV; log the run to MLflow "
+        "($MLFLOW_TRACKING_URI, default sqlite:///mlflow.db).",
+    )
+    _add_params_args(p)
+    p.add_argument("--data", type=Path, default=Path("data/prepared"), help="prepared dataset")
+    p.add_argument("--out", type=Path, default=Path("models"), help="checkpoint directory")
+    p.add_argument("--metrics", type=Path, default=Path("metrics/train.json"))
+    p.add_argument("--plots", type=Path, default=Path("plots/train.csv"), help="per-epoch CSV")
+    p.add_argument(
+        "--resume",
+        choices=("auto", "never", "require"),
+        default="auto",
+        help="auto: continue from <out>/last.pt when it matches the params and data "
+        "(e.g. after a kill, or with more train.epochs); never: start afresh; "
+        "require: fail unless it can resume",
+    )
+    p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    p.set_defaults(func=cmd_train)
+
+
+# --- export, evaluate, predict -----------------------------------------------------------
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from seqops.export import run_export
+
+    result = run_export(
+        _params(args),
+        checkpoint_path=args.checkpoint,
+        out_dir=args.out,
+        run_path=args.run,
+        metrics_path=args.metrics,
+        register=not args.no_mlflow,
+    )
+    _print_json(result)
+    return 0
+
+
+def _register_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export the best checkpoint to ONNX (the `export` DVC stage)",
+        description="Export encoder.onnx + step.onnx + model.json to --out (atomically), after "
+        "onnx.checker and a torch/onnxruntime parity check; log the model into the training "
+        "run with MLflow's ONNX flavour, register it as `seqops` with alias `candidate`.",
+    )
+    _add_params_args(p)
+    p.add_argument("--checkpoint", type=Path, default=Path("models/best.pt"))
+    p.add_argument("--run", type=Path, default=Path("models/train_run.json"), help="train run")
+    p.add_argument("--out", type=Path, default=Path("models/onnx"), help="model directory")
+    p.add_argument("--metrics", type=Path, default=Path("metrics/export.json"))
+    p.add_argument("--no-mlflow", action="store_true", help="do not log/register in MLflow")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from seqops.evaluate import run_evaluate
+
+    metrics = run_evaluate(
+        _params(args),
+        model=args.model,
+        data_dir=args.data,
+        split=args.split,
+        metrics_path=args.metrics,
+        plots_dir=args.plots,
+        out_dir=args.out,
+        track=not args.no_mlflow,
+        device=args.device,
+        batch_size=args.batch_size,
+    )
+    _print_json(metrics)
+    return 0
+
+
+def _register_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="evaluate the exported model through the ONNX predictor (the `evaluate` stage)",
+        description="Count every image of a split with the onnxruntime predictor; write the "
+        "metrics JSON, the plots CSVs (counts, done calibration) and a report with the worst "
+        "images; log test/<metric> into the model's training run.",
+    )
+    _add_params_args(p)
+    p.add_argument("--model", default="models/onnx", help="model directory or models:/ URI")
+    p.add_argument("--data", type=Path, default=Path("data/prepared"), help="prepared dataset")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--metrics", type=Path, default=Path("metrics/evaluate.json"))
+    p.add_argument("--plots", type=Path, default=Path("plots/evaluate"), help="plots directory")
+    p.add_argument("--out", type=Path, default=Path("reports/evaluate"), help="report directory")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--batch-size", type=int, default=8, help="images per predictor batch")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from seqops.predict import run_predict
+
+    return run_predict(
+        args.images,
+        model=args.model,
+        out_dir=args.out,
+        exemplars=args.exemplars,
+        max_objects=args.max_objects,
+        done_threshold=args.done_threshold,
+        device=args.device,
+    )
+
+
+def _register_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="count the objects in images (JSON per image on stdout)",
+        description="Count the objects in each image with the exported model (onnxruntime, "
+        "no torch): one JSON line per image on stdout (count, points in the image's own "
+        "pixels, per-step done probability, timings); with --out, an annotated PNG per image.",
+    )
+    p.add_argument("images", nargs="+", type=Path, help="PNG/JPEG files")
+    p.add_argument(
+        "--model",
+        default="models/onnx",
+        help="model directory or MLflow URI (models:/seqops@champion)",
+    )
+    p.add_argument("--out", type=Path, help="write <out>/<image stem>.png with numbered points")
+    p.add_argument(
+        "--exemplars",
+        help="exemplar boxes for a model trained with them, in image pixels: JSON (or a JSON "
+        "file) holding [[x1, y1, x2, y2], ...] for every image, or {image: boxes}",
+    )
+    p.add_argument("--max-objects", type=int, default=200, help="loop guard (default 200)")
+    p.add_argument("--done-threshold", type=float, help="default: the model's (0.5)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.set_defaults(func=cmd_predict)
+
+
+# --- serve ---------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from seqops.serve.run import run_server  # lazy: fastapi/uvicorn only for this command
+
+    return run_server(args)
+
+
+def _register_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve the exported model over HTTP (simple API, KServe v2, metrics)",
+        description="Serve a model directory or an MLflow model (default: "
+        "models:/seqops@champion when a champion exists, else models/onnx) with step-level "
+        "batching: POST /predict, /predict/stream, /next, the KServe v2 endpoints under /v2, "
+        "/healthz, /readyz, /metrics; docs at /docs. SIGTERM: finish in-flight requests, exit.",
+    )
+    p.add_argument("--model", help="model directory or MLflow URI (env SEQOPS_MODEL)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0: all interfaces)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1, help="server processes")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime threads; 0: cores/workers")
+    p.add_argument("--max-active", type=int, default=32, help="images looping together")
+    p.add_argument(
+        "--run-batch", type=int, default=0, help="images per onnxruntime run; 0: 4 CPU, 64 CUDA"
+    )
+    p.add_argument(
+        "--no-batching", action="store_true", help="one request at a time (--max-active 1)"
+    )
+    p.add_argument("--max-queue", type=int, default=32, help="waiting requests before 429")
+    p.add_argument("--queue-full-status", type=int, choices=(429, 503), default=429)
+    p.add_argument("--deadline", type=float, default=30.0, help="default request deadline, s")
+    p.add_argument("--max-deadline", type=float, default=300.0, help="largest deadline asked, s")
+    p.add_argument("--max-body-mb", type=float, default=20.0, help="request body limit, MiB")
+    p.add_argument("--max-pixels", type=int, default=40_000_000, help="decoded image limit")
+    p.add_argument("--max-objects", type=int, default=200, help="default loop guard")
+    p.add_argument("--max-objects-limit", type=int, default=1000, help="largest guard asked")
+    p.add_argument(
+        "--api-key-env",
+        default="SEQOPS_API_KEY",
+        help="environment variable holding the bearer token; unset/empty: no key needed",
+    )
+    p.add_argument("--graceful-timeout", type=float, default=60.0, help="shutdown wait, s")
+    p.add_argument("--no-access-log", action="store_true", help="no line per request")
+    p.set_defaults(func=cmd_serve)
+
+
 # --- entry point ---------------------------------------------------------------------
 
 
@@ -94,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _register_data(sub)
+    _register_train(sub)
+    _register_export(sub)
+    _register_evaluate(sub)
+    _register_predict(sub)
+    _register_serve(sub)
     return parser
 
 

@@ -82,6 +82,8 @@ class SamplingConfig(_Section):
 class ModelConfig(_Section):
     preset: Literal["tiny", "base"] = "tiny"
     exemplars: bool = False  # trained with exemplar boxes (count the exemplified kind)
+    head: Literal["heatmap", "pooled"] = "heatmap"  # pooled: the research's (x, y) MLP head
+    stride: int = Field(0, ge=0)  # feature-grid cell in px (4, 8, 16); 0: the preset's
 
 
 class LossConfig(_Section):
@@ -112,6 +114,7 @@ class TrainConfig(_Section):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_workers: int = Field(0, ge=0)
+    num_threads: int = Field(0, ge=0)  # torch intra-op threads; 0 = torch's default (cores)
     target: Literal["ordered", "nearest_unmarked"] = "ordered"
     loss: LossConfig = LossConfig()
     augment: AugmentConfig = AugmentConfig()
@@ -124,7 +127,9 @@ class TrainConfig(_Section):
 
 
 class ExportConfig(_Section):
-    opset: int = Field(17, ge=17)
+    # torch's exporter (torch.export-based) implements opset >= 18; converting down to 17
+    # fails on this network's Reduce ops, so 18 is the lowest that exports.
+    opset: int = Field(18, ge=18)
     parity_tolerance: float = Field(1e-4, gt=0)
 
 

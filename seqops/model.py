@@ -77,6 +77,9 @@ class ModelSpec:
     decoder_channels: int
     step_channels: int
     head: str = "heatmap"  # "heatmap" (soft-argmax) | "pooled" (the research's MLP on a pool)
+    # Half-width (cells) of the window around the heat map's peak the soft-argmax averages
+    # over; 0: the whole grid. A window keeps a two-peaked map from answering between them.
+    peak_window: int = 0
 
     def __post_init__(self) -> None:
         def fail(field: str, why: str) -> None:
@@ -98,6 +101,8 @@ class ModelSpec:
             fail("decoder_channels", "must be >= 1")
         if self.step_channels < 1:
             fail("step_channels", "must be >= 1")
+        if self.peak_window < 0:
+            fail("peak_window", "must be >= 0 (0: the whole grid)")
         if self.head not in HEADS:
             fail("head", f"must be one of {HEADS}")
 
@@ -168,18 +173,30 @@ def make_coord_grid(grid: int) -> Tensor:
     return torch.stack([xs, ys])
 
 
-def soft_argmax(heat_logits: Tensor, coords: Tensor) -> Tensor:
-    """Expected ``(x, y)`` under ``softmax(heat_logits)`` over the grid.
+def soft_argmax(heat_logits: Tensor, coords: Tensor, window: int = 0) -> Tensor:
+    """Expected ``(x, y)`` under ``softmax(heat_logits)`` over the grid (integral regression).
 
     Args:
         heat_logits: ``[B, g, g]``.
         coords: ``[2, g, g]`` from :func:`make_coord_grid`.
+        window: 0: expectation over the whole grid. ``w > 0``: only over the
+            ``(2w + 1)^2`` cells around the most probable cell, renormalised, so that a map
+            with two peaks answers at one of them rather than between them.
 
     Returns:
         ``[B, 2]``; sub-cell precise for a peak spread over neighbouring cells.
     """
     probs = torch.softmax(heat_logits.flatten(1), dim=1)  # [B, g*g]
-    return probs @ coords.flatten(1).t()  # [B, 2]
+    points = coords.flatten(1).t()  # [g*g, 2]
+    if window <= 0:
+        return probs @ points
+    grid = heat_logits.shape[-1]
+    peak = points[probs.argmax(dim=1)]  # [B, 2]; argmax, gather: exportable, no gradient
+    # Chebyshev distance in cells from the peak (cells are 2 / grid apart); half a cell of
+    # slack against rounding.
+    cells = (points[None] - peak[:, None]).abs().amax(dim=-1) * (grid / 2.0)  # [B, g*g]
+    local = probs * (cells <= window + 0.5).to(probs.dtype)
+    return (local @ points) / local.sum(dim=1, keepdim=True)
 
 
 def _conv_bn(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -278,6 +295,7 @@ class _Step(nn.Module):
         super().__init__()
         s = spec.step_channels
         self.head_kind = spec.head
+        self.peak_window = spec.peak_window
         self.register_buffer("coords", make_coord_grid(spec.grid), persistent=False)
         # The marks' term of the first layer (the rest came normalised from the encoder, so
         # BatchNorm never sees the marks' distribution, which differs in training and use).
@@ -304,7 +322,7 @@ class _Step(nn.Module):
         if self.head_kind == "pooled":
             xy = self.xy_mlp(pooled)
         else:
-            xy = soft_argmax(heat_logits, self.coords)
+            xy = soft_argmax(heat_logits, self.coords, self.peak_window)
         return StepOutput(xy=xy, done_logit=done_logit, heat_logits=heat_logits)
 
 

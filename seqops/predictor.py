@@ -261,6 +261,8 @@ class Predictor:
         threads: intra-op threads per session; 0 lets onnxruntime choose (all cores).
         spin: let idle onnxruntime threads spin (lower latency alone, worse when shared).
         warmup: run each graph once at load so the first request is not slow.
+        version: the registry version it was loaded as (replaces the metadata's
+            ``model_version``, which is the export's checkpoint hash).
     """
 
     def __init__(
@@ -368,10 +370,20 @@ class Predictor:
         ]
 
     def advance(
-        self, rollouts: Sequence[Rollout], threshold: float, max_objects: int
+        self,
+        rollouts: Sequence[Rollout],
+        threshold: float,
+        max_objects: int,
+        features: np.ndarray | None = None,
     ) -> list[bool]:
-        """One batched step for ``rollouts``; returns which of them finished."""
-        features = np.stack([r.features for r in rollouts])
+        """One batched step for ``rollouts``; returns which of them finished.
+
+        ``features``, when given, is the rollouts' features already stacked: :meth:`predict`
+        keeps it between steps and re-stacks only when an image finishes, which saves a
+        copy of every feature map per step.
+        """
+        if features is None:
+            features = np.stack([r.features for r in rollouts])
         marks = np.stack([r.marks for r in rollouts])
         xy, done = self.step(features, marks)
         sigma = self.info.mark_sigma
@@ -417,13 +429,17 @@ class Predictor:
         rollouts = self.start(prepared)
         t_enc = time.perf_counter()
         active = list(rollouts)
+        features = np.stack([r.features for r in active])
         while active:
             if deadline is not None and time.monotonic() > deadline:
                 for r in active:
                     r.stopped_by = "deadline"
                 break
-            finished = self.advance(active, threshold, max_objects)
-            active = [r for r, f in zip(active, finished, strict=True) if not f]
+            finished = self.advance(active, threshold, max_objects, features)
+            if any(finished):
+                keep = [i for i, f in enumerate(finished) if not f]
+                active = [active[i] for i in keep]
+                features = features[keep]
         t_end = time.perf_counter()
         timings = {
             "prepare": 1e3 * (t_prep - t0),
@@ -441,8 +457,8 @@ class Predictor:
         orig_px = model_px / np.array([sx, sy], np.float32)
         return Prediction(
             count=len(rollout.points_norm),
-            points=np.round(orig_px, 2).tolist(),
-            points_model=np.round(model_px, 2).tolist(),
+            points=np.round(orig_px.astype(np.float64), 2).tolist(),
+            points_model=np.round(model_px.astype(np.float64), 2).tolist(),
             done_probs=[round(p, 4) for p in rollout.done_probs],
             stopped_by=rollout.stopped_by or "deadline",
             timings_ms={k: round(v, 3) for k, v in timings_ms.items()},

@@ -98,3 +98,10 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 def to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     """Move a batch of tensors (non-blocking; pinned memory on CUDA)."""
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def worker_context(num_workers: int) -> str | None:
+    """Start DataLoader workers from a fork server: forking the trainer itself copies
+    whatever threads it holds (MLflow, onnxruntime, a server in tests) into a child that may
+    then die or hang; the fork server is a clean single-threaded process."""
+    return "forkserver" if num_workers > 0 else None

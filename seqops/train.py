@@ -38,6 +38,7 @@ from seqops.runtime import (
     seed_everything,
     select_device,
     to_device,
+    worker_context,
 )
 from seqops.train_data import VAL_SEED, StepDataset, collate_steps, fingerprint_dataset
 from seqops.train_metrics import (
@@ -180,6 +181,7 @@ def _loader(
         sampler=sampler,
         collate_fn=collate_steps,
         num_workers=cfg.num_workers,
+        multiprocessing_context=worker_context(cfg.num_workers),
         pin_memory=device.type == "cuda",
     )
 

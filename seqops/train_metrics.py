@@ -22,7 +22,7 @@ from seqops.config import Params, TrainConfig
 from seqops.draw import draw_rollout, draw_step
 from seqops.imaging import add_mark, norm_to_pixels, normalize_pixels
 from seqops.model import SeqCounter, StepOutput
-from seqops.runtime import autocast, to_device
+from seqops.runtime import autocast, to_device, worker_context
 from seqops.sampling import sample_image_steps
 from seqops.train_data import StepDataset, collate_steps
 
@@ -216,7 +216,11 @@ def validate(
     cfg = params.train
     model.eval()
     loader = DataLoader(
-        val_ds, batch_size=cfg.batch_size, collate_fn=collate_steps, num_workers=cfg.num_workers
+        val_ds,
+        batch_size=cfg.batch_size,
+        collate_fn=collate_steps,
+        num_workers=cfg.num_workers,
+        multiprocessing_context=worker_context(cfg.num_workers),
     )
     acc = ValAccumulator(cfg, val_ds.image_size)
     for batch in loader:

@@ -1,0 +1,407 @@
+"""Export the best checkpoint to ONNX: two graphs, checked, parity-tested, registered.
+
+The exported model is a directory (the contract ``seqops.predictor`` loads)::
+
+    encoder.onnx   image [B,3,S,S] (+ exemplar_mask [B,1,g,g]) -> features [B,C,g,g]
+    step.onnx      features [B,C,g,g], marks [B,1,g,g] -> xy [B,2] (normalised), done [B] (prob.)
+    model.json     the metadata below plus export facts (opset, parity, file hashes)
+
+Both graphs carry the metadata key ``seqops`` (a JSON object: input size, normalisation,
+coordinate convention, done threshold, ordering, model version, training run id), so a
+graph found on its own still says how to feed it. The batch axis is dynamic; each file is
+self-contained (no external data). The stage fails, leaving nothing behind, when
+``onnx.checker`` (full check) or the torch/onnxruntime parity check fails.
+
+MLflow: the model is logged into the training run with the ONNX flavour (the step graph is
+the flavour's ``model.onnx``; ``encoder.onnx``, ``step.onnx`` and ``model.json`` are its extra
+files, so ``models:/seqops@candidate`` downloads a directory the predictor loads), registered
+as ``seqops`` and given the alias ``candidate``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from torch import nn
+
+from seqops import imaging
+from seqops.config import Params
+from seqops.io import atomic_directory, atomic_write_json
+from seqops.model import ModelSpec, SeqCounter
+from seqops.parity import PARITY_BATCH, PARITY_MARKS, check_parity
+
+log = logging.getLogger(__name__)
+
+ENCODER_FILE = "encoder.onnx"
+STEP_FILE = "step.onnx"
+INFO_FILE = "model.json"
+METADATA_KEY = "seqops"  # the same key seqops.predictor reads
+METADATA_FORMAT = 1
+COORDINATES = (
+    "x, y normalised to [-1, 1] at the model input: x_norm = 2 * x_px / image_size - 1, with"
+    " continuous pixel coordinates (pixel i covers [i, i + 1)); the image is stretched to"
+    " image_size x image_size"
+)
+_TRACE_BATCH = 2
+
+
+class ExportError(ValueError):
+    """The export cannot be produced or does not match torch; the message says why."""
+
+
+# --- the two graphs ---------------------------------------------------------------------
+
+
+class EncoderGraph(nn.Module):
+    """``SeqCounter.encode`` with named inputs, as exported."""
+
+    def __init__(self, model: SeqCounter) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor, exemplar_mask: torch.Tensor | None = None):
+        return self.model.encode(image, exemplar_mask)
+
+
+class StepGraph(nn.Module):
+    """``SeqCounter.step`` returning ``(xy, done probability)``: the sigmoid is in-graph."""
+
+    def __init__(self, model: SeqCounter) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: torch.Tensor, marks: torch.Tensor):
+        out = self.model.step(features, marks)
+        return out.xy, torch.sigmoid(out.done_logit)
+
+
+def build_metadata(
+    spec: ModelSpec,
+    train_params: dict[str, Any],
+    done_threshold: float,
+    model_version: str,
+    run_id: str | None,
+) -> dict[str, Any]:
+    """The ``seqops`` metadata stored in both graphs (and in ``model.json``).
+
+    Args:
+        spec: the network's spec (input size, grid, mark radius, exemplars).
+        train_params: the parameters the checkpoint was trained with (its ``params``).
+        done_threshold: the loop stops once ``done`` exceeds it.
+        model_version: an identifier of these weights (the registry's version replaces it
+            when the predictor loads from the registry).
+        run_id: the MLflow training run.
+    """
+    prepare = train_params.get("prepare", {})
+    train = train_params.get("train", {})
+    return {
+        "format": METADATA_FORMAT,
+        "name": "seqops",
+        "image_size": spec.image_size,
+        "grid": spec.grid,
+        "stride": spec.stride,
+        "mark_sigma": spec.mark_sigma,
+        "exemplars": spec.exemplars,
+        "mean": list(imaging.MEAN),
+        "std": list(imaging.STD),
+        "coordinates": COORDINATES,
+        "done_threshold": done_threshold,
+        "order": prepare.get("order", "reading_order"),
+        "row_height": prepare.get("row_height", 50.0),
+        "target": train.get("target", "ordered"),
+        "preset": spec.preset,
+        "head": spec.head,
+        "model_version": model_version,
+        "run_id": run_id,
+    }
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's progress lines and known-harmless warnings (torchvision ops
+    absent, deprecations); errors still raise."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def export_graph(
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    input_names: list[str],
+    output_names: list[str],
+    opset: int,
+    metadata: dict[str, Any],
+    path: Path,
+) -> None:
+    """Export one graph with ``torch.onnx.export`` (the torch.export-based exporter), add the
+    metadata, check it (full check) and save it as one self-contained file."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    dynamic = {name: {0: batch} for name in input_names}
+    try:
+        with _quiet_exporter(), torch.no_grad():
+            program = torch.onnx.export(
+                module,
+                args,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_shapes=dynamic,
+                opset_version=opset,
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+            )
+    except Exception as exc:  # the exporter raises many kinds
+        raise ExportError(f"{path.name}: torch.onnx.export failed ({exc})") from exc
+    proto = program.model_proto
+    produced = max(op.version for op in proto.opset_import if op.domain in ("", "ai.onnx"))
+    if produced != opset:
+        raise ExportError(
+            f"{path.name}: export.opset={opset} requested, the exporter produced opset "
+            f"{produced} (torch's exporter implements opset >= 18; set export.opset >= 18)"
+        )
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+    proto.doc_string = f"seqops {path.stem}: {', '.join(input_names)} -> {', '.join(output_names)}"
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"{path.name}: onnx.checker (full check) failed: {exc}") from None
+    onnx.save_model(proto, str(path), save_as_external_data=False)
+
+
+def export_encoder(model: SeqCounter, path: Path, opset: int, metadata: dict[str, Any]) -> None:
+    """Write the encoder graph of ``model`` (CPU, eval mode) to ``path``."""
+    model = model.cpu().eval()
+    spec = model.spec
+    args: tuple[torch.Tensor, ...] = (
+        torch.zeros(_TRACE_BATCH, 3, spec.image_size, spec.image_size),
+    )
+    inputs = ["image"]
+    if spec.exemplars:
+        args += (torch.zeros(_TRACE_BATCH, 1, spec.grid, spec.grid),)
+        inputs.append("exemplar_mask")
+    export_graph(EncoderGraph(model), args, inputs, ["features"], opset, metadata, path)
+
+
+def export_step(model: SeqCounter, path: Path, opset: int, metadata: dict[str, Any]) -> None:
+    """Write the step graph of ``model`` (CPU, eval mode) to ``path``."""
+    model = model.cpu().eval()
+    spec = model.spec
+    features = torch.zeros(_TRACE_BATCH, spec.feature_channels, spec.grid, spec.grid)
+    marks = torch.zeros(_TRACE_BATCH, 1, spec.grid, spec.grid)
+    export_graph(
+        StepGraph(model), (features, marks), ["features", "marks"], ["xy", "done"], opset,
+        metadata, path,
+    )  # fmt: skip
+
+
+def export_graphs(model: SeqCounter, out_dir: Path, opset: int, metadata: dict[str, Any]) -> None:
+    """Write ``encoder.onnx`` and ``step.onnx`` of ``model`` into ``out_dir``."""
+    export_encoder(model, out_dir / ENCODER_FILE, opset, metadata)
+    export_step(model, out_dir / STEP_FILE, opset, metadata)
+
+
+# --- the export -------------------------------------------------------------------------
+
+
+def _file_facts(path: Path) -> dict[str, Any]:
+    return {"bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def export_model(
+    model: SeqCounter,
+    out_dir: str | Path,
+    metadata: dict[str, Any],
+    opset: int = 18,
+    tolerance: float = 1e-4,
+    extra_info: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Export ``model`` to the model directory ``out_dir``, atomically, after the checks.
+
+    The graphs are written to a temporary directory, checked (``onnx.checker`` full check),
+    compared with torch on CPU; only when the largest difference is within ``tolerance``
+    does the directory replace ``out_dir``.
+
+    Returns:
+        The content of ``model.json``: the metadata, the opset, the parity report
+        (``parity.max_abs_diff``, ``parity.tolerance``, ``parity.passed``, per output) and
+        the files' sizes and hashes.
+
+    Raises:
+        ExportError: the export, the checker or the parity check failed (``out_dir`` is
+            left as it was).
+    """
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        export_graphs(model, tmp, opset, metadata)
+        diffs = check_parity(model, tmp / ENCODER_FILE, tmp / STEP_FILE)
+        worst = max(diffs.values())
+        parity = {
+            "max_abs_diff": worst,
+            "tolerance": tolerance,
+            "passed": worst <= tolerance,
+            "device": "cpu",
+            "batch": PARITY_BATCH,
+            "marks": dict(PARITY_MARKS),
+            "per_output": diffs,
+        }
+        if not parity["passed"]:
+            worst_name = max(diffs, key=diffs.get)
+            raise ExportError(
+                f"parity: torch and onnxruntime differ by {worst:.3g} on {worst_name} "
+                f"(export.parity_tolerance={tolerance}); {out_dir} left unchanged"
+            )
+        info = {
+            **metadata,
+            "opset": opset,
+            "parity": parity,
+            "files": {name: _file_facts(tmp / name) for name in (ENCODER_FILE, STEP_FILE)},
+            "inputs": {
+                "encoder": ["image"] + (["exemplar_mask"] if metadata["exemplars"] else []),
+                "step": ["features", "marks"],
+            },
+            "outputs": {"encoder": ["features"], "step": ["xy", "done"]},
+            "versions": {"torch": torch.__version__, "onnx": onnx.__version__},
+            **(extra_info or {}),
+        }
+        atomic_write_json(tmp / INFO_FILE, info)
+    log.info(
+        "exported %s (opset %d, parity max |diff| %.2g <= %g)", out_dir, opset, worst, tolerance
+    )
+    return info
+
+
+def read_train_run(path: str | Path) -> dict[str, Any]:
+    """Read ``train_run.json`` (the training stage's MLflow run id and best epoch)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path}: not found (run `seqops train` first)")
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(info, dict):
+        raise ExportError(f"{path}: expected a JSON object")
+    return info
+
+
+def run_export(
+    params: Params,
+    checkpoint_path: str | Path,
+    out_dir: str | Path,
+    run_path: str | Path | None = None,
+    metrics_path: str | Path | None = None,
+    register: bool = True,
+) -> dict[str, Any]:
+    """The ``export`` stage: checkpoint -> checked ONNX model dir -> MLflow registry.
+
+    Args:
+        params: ``export.opset``, ``export.parity_tolerance`` and ``evaluate.done_threshold``
+            are read; the network itself is rebuilt from the checkpoint alone.
+        checkpoint_path: the best checkpoint (``models/best.pt``).
+        out_dir: the model directory (``models/onnx``), replaced atomically.
+        run_path: ``train_run.json``; its ``run_id`` (else the checkpoint's) is the training
+            run the model is logged into.
+        metrics_path: where the stage's JSON goes (``metrics/export.json``).
+        register: log to MLflow, register as ``seqops`` and set alias ``candidate``.
+
+    Returns:
+        The stage's output JSON: opset, parity, sizes, run id, registered version.
+    """
+    from seqops.checkpoint import build_model, load_checkpoint
+
+    state = load_checkpoint(checkpoint_path)
+    model = build_model(state)
+    run_info = read_train_run(run_path) if run_path is not None else {}
+    run_id = run_info.get("run_id") or state.get("run_id")
+    # The checkpoint's hash identifies these weights until the registry gives a version.
+    digest = hashlib.sha256(Path(checkpoint_path).read_bytes()).hexdigest()[:12]
+    metadata = build_metadata(
+        model.spec,
+        state.get("params", {}),
+        params.evaluate.done_threshold,
+        model_version=f"sha256-{digest}",
+        run_id=run_id,
+    )
+    checkpoint_facts = {
+        "checkpoint": {
+            "epoch": int(state["epoch"]),
+            "best_val_loss": float(state["best_val_loss"]),
+            "sha256": digest,
+        },
+        "model_spec": model.spec.to_dict(),
+    }
+    info = export_model(
+        model,
+        out_dir,
+        metadata,
+        opset=params.export.opset,
+        tolerance=params.export.parity_tolerance,
+        extra_info=checkpoint_facts,
+    )
+    result: dict[str, Any] = {
+        "opset": info["opset"],
+        "parity_max_abs_diff": info["parity"]["max_abs_diff"],
+        "parity_tolerance": info["parity"]["tolerance"],
+        "parity_passed": info["parity"]["passed"],
+        "parity": info["parity"]["per_output"],
+        "encoder_bytes": info["files"][ENCODER_FILE]["bytes"],
+        "step_bytes": info["files"][STEP_FILE]["bytes"],
+        "model_version": metadata["model_version"],
+        "run_id": run_id,
+        "epoch": checkpoint_facts["checkpoint"]["epoch"],
+    }
+    if register:
+        from seqops.registry import log_model_to_mlflow
+
+        result.update(log_model_to_mlflow(Path(out_dir), run_id, info))
+    if metrics_path is not None:
+        atomic_write_json(metrics_path, result)
+    return result
+
+
+# Init scales of make_untrained_model's heads: a sharp heat map and a done value that moves
+# with the marks, so random networks trace varied, image-dependent loops in tests/benchmarks.
+HEAT_STD = 20.0
+DONE_STD = 5.0
+
+
+def make_untrained_model(
+    spec: ModelSpec, seed: int = 0, done_bias: float | None = None, peaked: bool = True
+) -> SeqCounter:
+    """A random-init network with chosen behaviour, for tests, benchmarks and smoke runs.
+
+    Args:
+        done_bias: replaces the done head's final bias: +20 says done at once, -20 never.
+        peaked: widen the heat head's and the done head's init, so the heat map has a
+            clear peak (a fresh network's near-uniform map puts every point at the centre)
+            and done varies from step to step.
+    """
+    torch.manual_seed(seed)
+    model = SeqCounter(spec)
+    with torch.no_grad():
+        if peaked:
+            nn.init.normal_(model.stepper.heat.weight, std=HEAT_STD)
+            nn.init.normal_(model.stepper.done[-1].weight, std=DONE_STD)
+        if done_bias is not None:
+            model.stepper.done[-1].weight.zero_()
+            model.stepper.done[-1].bias.fill_(done_bias)
+    return model.eval()

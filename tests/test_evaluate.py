@@ -1,0 +1,202 @@
+"""The evaluate stage through the ONNX predictor, on tiny prepared datasets."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import make_tiny_dataset, shrink_params
+from onnx_models import exported
+from PIL import Image
+
+from seqops.cli import main
+from seqops.data.manifest import Record, manifest_path, read_manifest
+from seqops.evaluate import EvaluateError, evaluate_image, run_evaluate
+from seqops.predictor import Prediction
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six test images with 1-4 discs, plus one blank image with no object."""
+    root = make_tiny_dataset(
+        tmp_path_factory.mktemp("evaluate") / "prepared", num_train=0, num_val=0, num_test=6
+    )
+    Image.new("RGB", (64, 64), (200, 200, 200)).save(root / "images/test/blank.png")
+    with open(manifest_path(root, "test"), "a") as f:
+        f.write(Record(id="blank", image="images/test/blank.png", points=()).to_json() + "\n")
+    return root
+
+
+def true_counts(root: Path) -> np.ndarray:
+    return np.array([r.num_objects for r in read_manifest(manifest_path(root, "test"))])
+
+
+def test_a_model_that_stops_at_once_scores_as_expected(dataset: Path, tmp_path: Path):
+    params = shrink_params("evaluate.worst_images=3")
+    out = tmp_path / "reports"
+    metrics = run_evaluate(
+        params,
+        exported("done")[0],
+        dataset,
+        metrics_path=tmp_path / "metrics.json",
+        plots_dir=tmp_path / "plots",
+        out_dir=out,
+        track=False,
+        device="cpu",
+        batch_size=3,
+    )
+    counts = true_counts(dataset)
+    with_objects = (counts > 0).mean()
+    assert metrics["num_images"] == 7 and metrics["num_objects"] == counts.sum()
+    assert metrics["num_predictions"] == 0
+    assert metrics["count_mae"] == pytest.approx(counts.mean())
+    assert metrics["count_rmse"] == pytest.approx(np.sqrt((counts**2).mean()))
+    assert metrics["count_exact_acc"] == pytest.approx(1 / 7)  # only the blank image
+    assert metrics["count_bias"] == pytest.approx(-counts.mean())
+    assert metrics["recall"] == 0.0 and metrics["precision"] is None  # NaN -> null
+    assert metrics["misses"] == counts.sum() and metrics["duplicates"] == 0
+    # One step per image, done ~1: right only on the blank image.
+    assert metrics["done_steps"] == 7 and metrics["steps_per_image"] == 1.0
+    assert metrics["done_brier"] == pytest.approx(with_objects, abs=1e-4)
+    assert metrics["done_ece"] == pytest.approx(with_objects, abs=1e-4)
+    assert metrics["stop_early_rate"] == pytest.approx(with_objects)
+    assert metrics["stop_on_time_rate"] == pytest.approx(1 / 7)
+    assert metrics["latency_ms_per_image"] > 0
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+
+    with open(tmp_path / "plots" / "counts.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["true_count"]) for r in rows] == counts.tolist()
+    assert {r["pred_count"] for r in rows} == {"0"}
+    with open(tmp_path / "plots" / "calibration.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 1 and table[0]["bin_lower"] == "0.9" and table[0]["steps"] == "7"
+
+    per_image = [json.loads(line) for line in (out / "per_image.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in per_image][-1] == "blank"
+    assert per_image[-1]["stop"] == "on_time" and per_image[-1]["abs_err"] == 0
+    worst = sorted(p.name for p in (out / "worst").iterdir())
+    assert len(worst) == 3
+    # The worst image is the one with the most objects (all missed).
+    top = max(per_image, key=lambda r: r["true_count"])
+    assert worst[0].startswith("01_") and top["abs_err"] == counts.max()
+    assert json.loads((out / "calibration.json").read_text())[9]["steps"] == 7
+
+
+def test_the_loop_guard_is_reported(dataset: Path):
+    params = shrink_params("evaluate.max_objects=3", "evaluate.worst_images=0")
+    metrics = run_evaluate(params, exported("never")[0], dataset, track=False, device="cpu")
+    assert metrics["num_predictions"] == 3 * 7
+    assert metrics["stop_guard_rate"] == 1.0
+    assert metrics["steps_per_image"] == 3.0
+    assert metrics["done_steps"] == 21
+    assert 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
+
+
+def test_evaluate_image_on_a_perfect_rollout():
+    record = Record(id="a", image="a.png", points=((10.0, 10.0), (40.0, 30.0)))
+    perfect = Prediction(
+        count=2,
+        points=[[10.5, 10.0], [40.0, 31.0]],
+        points_model=[[10.5, 10.0], [40.0, 31.0]],
+        done_probs=[0.1, 0.2, 0.9],
+        stopped_by="done",
+        timings_ms={},
+    )
+    row, match, probs, labels = evaluate_image(record, perfect, radius=8)
+    assert row["f1"] == 1.0 and row["abs_err"] == 0 and row["stop"] == "on_time"
+    assert match.matches == 2 and row["px_err_mean"] == pytest.approx(0.75)
+    assert labels.tolist() == [0, 0, 1] and probs.tolist() == [0.1, 0.2, 0.9]
+    # A duplicate on the way: done at step 3 is still on time (everything found by then).
+    twice = Prediction(3, [], [[10, 10], [11, 10], [40, 30]], [0.1, 0.1, 0.1, 0.9], "done", {})
+    row, match, _, labels = evaluate_image(record, twice, radius=8)
+    assert row["duplicates"] == 1 and row["stop"] == "on_time"
+    assert labels.tolist() == [0, 0, 0, 1]  # all found once the third point is marked
+    # A duplicate after everything was found: done came one step late.
+    late = Prediction(3, [], [[10, 10], [40, 30], [11, 10]], [0.1, 0.1, 0.2, 0.9], "done", {})
+    row, _, _, labels = evaluate_image(record, late, radius=8)
+    assert row["duplicates"] == 1 and row["stop"] == "late"
+    assert labels.tolist() == [0, 0, 1, 1]
+
+
+def test_dataset_at_another_size_is_refused(tmp_path: Path):
+    small = make_tiny_dataset(tmp_path / "small", 0, 0, 1, image_size=32, radius=2)
+    with pytest.raises(EvaluateError, match="image_size 32 differs from the model's 64"):
+        run_evaluate(shrink_params(), exported("done")[0], small, track=False)
+
+
+def test_evaluate_cli(dataset: Path, tmp_path: Path, capsys):
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text("evaluate:\n  worst_images: 1\n")
+    code = main(
+        [
+            "evaluate", "--params", str(params_path), "--model", str(exported("done")[0]),
+            "--data", str(dataset), "--metrics", str(tmp_path / "m.json"),
+            "--plots", str(tmp_path / "plots"), "--out", str(tmp_path / "out"), "--no-mlflow",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)["num_images"] == 7
+    assert len(list((tmp_path / "out" / "worst").iterdir())) == 1
+
+
+def with_run_id(model_dir: Path, run_id: str, dest: Path) -> Path:
+    """A copy of an exported model whose metadata names ``run_id`` as its training run."""
+    dest.mkdir()
+    for name in ("encoder.onnx", "step.onnx"):
+        graph = onnx.load(model_dir / name)
+        meta = json.loads({p.key: p.value for p in graph.metadata_props}["seqops"])
+        meta["run_id"] = run_id
+        del graph.metadata_props[:]
+        onnx.helper.set_model_props(graph, {"seqops": json.dumps(meta, sort_keys=True)})
+        onnx.save(graph, dest / name)
+    shutil.copy(model_dir / "model.json", dest / "model.json")
+    return dest
+
+
+@pytest.mark.slow
+def test_metrics_and_report_go_to_the_training_run(dataset, tmp_path, mlflow_uri):
+    import mlflow
+
+    from seqops.tracking import start_run
+
+    training = start_run({}, {"dvc_stage": "train"}, run_name="train")
+    training.finish()
+    model_dir = with_run_id(exported("done")[0], training.run_id, tmp_path / "onnx")
+    params = shrink_params("evaluate.worst_images=2")
+    metrics = run_evaluate(
+        params, model_dir, dataset, plots_dir=tmp_path / "plots", out_dir=tmp_path / "out"
+    )
+    client = mlflow.MlflowClient(mlflow_uri)
+    logged = client.get_run(training.run_id).data.metrics
+    assert logged["test/count_mae"] == pytest.approx(metrics["count_mae"])
+    assert "test/precision" not in logged  # undefined (no predictions): not logged
+    artifacts = {a.path for a in client.list_artifacts(training.run_id, "evaluate")}
+    assert {"evaluate/per_image.jsonl", "evaluate/worst", "evaluate/plots"} <= artifacts
+
+
+@pytest.mark.slow  # exports an exemplar model (seconds, shared with other modules)
+def test_an_exemplar_model_is_evaluated_with_each_records_boxes(tmp_path: Path):
+    from seqops.evaluate import prepare_record
+    from seqops.predictor import Predictor
+
+    root = make_tiny_dataset(tmp_path / "prepared", 0, 0, 3)
+    records = read_manifest(manifest_path(root, "test"))
+    # One box running off the image, and one record without any box.
+    records[1] = Record(**{**records[1].__dict__, "exemplars": ((-5.0, 50.0, 20.0, 70.0),)})
+    records[2] = Record(**{**records[2].__dict__, "exemplars": ()})
+    with open(manifest_path(root, "test"), "w") as f:
+        f.writelines(r.to_json() + "\n" for r in records)
+    predictor = Predictor(exported("exemplars")[0], device="cpu", threads=1)
+    prepared = [prepare_record(predictor, root, r) for r in records]
+    assert prepared[0].exemplar_mask.sum() > 0
+    assert prepared[1].exemplar_mask.sum() > 0  # clipped to the image, not refused
+    assert prepared[2].exemplar_mask.sum() == 0  # training's empty mask
+    params = shrink_params("evaluate.max_objects=4", "evaluate.worst_images=1")
+    metrics = run_evaluate(params, exported("exemplars")[0], root, track=False, device="cpu")
+    assert metrics["num_images"] == 3

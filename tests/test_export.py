@@ -1,0 +1,250 @@
+"""ONNX export: two checked, self-describing graphs that match torch; the stage; MLflow."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import shrink_params
+from onnx_models import KINDS, exported, make_spec, torch_model
+
+from seqops import export as E
+from seqops.checkpoint import save_checkpoint
+from seqops.cli import main
+from seqops.config import ConfigError
+from seqops.parity import check_parity, parity_inputs
+
+CONTRACT_KEYS = {
+    "format", "name", "image_size", "grid", "mark_sigma", "exemplars", "mean", "std",
+    "coordinates", "done_threshold", "order", "row_height", "preset", "model_version", "run_id",
+}  # fmt: skip
+
+
+def graph_io(model: onnx.ModelProto, which: str) -> dict[str, list]:
+    values = model.graph.input if which == "input" else model.graph.output
+    return {
+        v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in values
+    }
+
+
+def test_export_writes_two_checked_self_describing_graphs():
+    model_dir, info = exported("plain")
+    assert sorted(p.name for p in model_dir.iterdir()) == [
+        "encoder.onnx",
+        "model.json",
+        "step.onnx",
+    ]
+    g, c = info["grid"], info["model_spec"]["step_channels"]
+    metas = []
+    for name in ("encoder.onnx", "step.onnx"):
+        model = onnx.load(model_dir / name)
+        onnx.checker.check_model(model, full_check=True)
+        assert not onnx.external_data_helper._get_all_tensors(model) or all(
+            not onnx.external_data_helper.uses_external_data(t)
+            for t in onnx.external_data_helper._get_all_tensors(model)
+        )
+        assert max(op.version for op in model.opset_import if op.domain in ("", "ai.onnx")) >= 17
+        metas.append(json.loads({p.key: p.value for p in model.metadata_props}["seqops"]))
+    assert metas[0] == metas[1]
+    assert set(metas[0]) >= CONTRACT_KEYS
+    assert metas[0]["image_size"] == 64 and metas[0]["grid"] == g == 8
+    assert metas[0]["order"] == "reading_order" and metas[0]["done_threshold"] == 0.5
+    encoder, step = onnx.load(model_dir / "encoder.onnx"), onnx.load(model_dir / "step.onnx")
+    assert graph_io(encoder, "input") == {"image": ["batch", 3, 64, 64]}
+    assert graph_io(encoder, "output") == {"features": ["batch", c, g, g]}
+    assert graph_io(step, "input") == {"features": ["batch", c, g, g], "marks": ["batch", 1, g, g]}
+    assert graph_io(step, "output") == {"xy": ["batch", 2], "done": ["batch"]}
+    written = json.loads((model_dir / "model.json").read_text())
+    assert written["parity"]["passed"] is True
+    assert written["parity"]["max_abs_diff"] <= 1e-4
+    assert set(written["parity"]["per_output"]) == {
+        "features",
+        *(f"{o}/marks_{k}" for o in ("xy", "done") for k in ("0", "1", "many")),
+    }
+    assert written["files"]["encoder.onnx"]["bytes"] == (model_dir / "encoder.onnx").stat().st_size
+
+
+def test_graphs_take_any_batch_size_and_output_probabilities():
+    model_dir, _ = exported("plain")
+    encoder = ort.InferenceSession(
+        str(model_dir / "encoder.onnx"), providers=["CPUExecutionProvider"]
+    )
+    step = ort.InferenceSession(str(model_dir / "step.onnx"), providers=["CPUExecutionProvider"])
+    for batch in (1, 5):
+        image = np.random.default_rng(batch).normal(size=(batch, 3, 64, 64)).astype(np.float32)
+        (features,) = encoder.run(None, {"image": image})
+        marks = np.zeros((batch, 1, 8, 8), np.float32)
+        xy, done = step.run(None, {"features": features, "marks": marks})
+        assert xy.shape == (batch, 2) and done.shape == (batch,)
+        assert np.all((done >= 0) & (done <= 1))
+        assert np.all(np.abs(xy) <= 1)
+
+
+def test_parity_is_measured_with_zero_one_and_many_marks():
+    model_dir, _ = exported("plain")
+    diffs = check_parity(torch_model("plain"), model_dir / "encoder.onnx", model_dir / "step.onnx")
+    assert max(diffs.values()) <= 1e-4
+    inputs = parity_inputs(make_spec())
+    assert [int(inputs[k].max() > 0) for k in ("marks_0", "marks_1", "marks_many")] == [0, 1, 1]
+    # "Many" marks cover much more of the grid than one.
+    assert (inputs["marks_many"] > 0.5).sum() > 10 * (inputs["marks_1"] > 0.5).sum()
+
+
+def test_parity_failure_fails_the_export_and_keeps_the_old_model(tmp_path, monkeypatch):
+    out = tmp_path / "onnx"
+    out.mkdir()
+    (out / "keep.txt").write_text("the previous export")
+    plain_dir, _ = exported("plain")
+
+    # Graphs of one network checked against another (other seed): a real mismatch.
+    def write_plain_graphs(model, out_dir, opset, metadata):
+        for name in (E.ENCODER_FILE, E.STEP_FILE):
+            shutil.copy(plain_dir / name, out_dir / name)
+
+    monkeypatch.setattr(E, "export_graphs", write_plain_graphs)
+    other = E.make_untrained_model(make_spec(), seed=1)
+    with pytest.raises(E.ExportError, match="parity: torch and onnxruntime differ"):
+        E.export_model(other, out, E.build_metadata(make_spec(), {}, 0.5, "x", None))
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".onnx.")]  # no temp left
+
+
+def test_opset_below_18_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"export\.opset"):
+        shrink_params("export.opset=17")
+
+
+def write_checkpoint(tmp_path: Path, params, run_id: str | None = None) -> Path:
+    spec = make_spec()
+    model = E.make_untrained_model(spec, seed=3)
+    path = tmp_path / "models" / "best.pt"
+    save_checkpoint(
+        path,
+        {
+            "model_state": model.state_dict(),
+            "model_spec": spec.to_dict(),
+            "params": params.model_dump(mode="json"),
+            "epoch": 4,
+            "best_val_loss": 0.25,
+            "run_id": run_id,
+        },
+    )
+    return path
+
+
+@pytest.mark.slow  # a full export of a checkpoint (seconds)
+def test_export_stage_from_a_checkpoint_through_the_cli(tmp_path, capsys):
+    params = shrink_params("prepare.order=left_to_right", "evaluate.done_threshold=0.6")
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(
+        "prepare:\n  image_size: 64\n  order: left_to_right\nevaluate:\n  done_threshold: 0.6\n"
+    )
+    checkpoint = write_checkpoint(tmp_path, params)
+    run_path = tmp_path / "models" / "train_run.json"
+    run_path.write_text(json.dumps({"run_id": "abc123", "best_epoch": 4}))
+    out, metrics = tmp_path / "models" / "onnx", tmp_path / "metrics" / "export.json"
+    code = main(
+        [
+            "export", "--params", str(params_path), "--checkpoint", str(checkpoint),
+            "--run", str(run_path), "--out", str(out), "--metrics", str(metrics), "--no-mlflow",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    result = json.loads(metrics.read_text())
+    assert json.loads(capsys.readouterr().out) == result
+    assert result["parity_passed"] is True and result["parity_max_abs_diff"] <= 1e-4
+    assert result["parity_tolerance"] == 1e-4 and result["opset"] == 18
+    assert result["run_id"] == "abc123" and result["epoch"] == 4
+    info = json.loads((out / "model.json").read_text())
+    assert info["run_id"] == "abc123"
+    assert info["order"] == "left_to_right"  # the checkpoint's training params
+    assert info["done_threshold"] == 0.6  # evaluate.done_threshold
+    assert info["checkpoint"] == {
+        "epoch": 4, "best_val_loss": 0.25, "sha256": info["model_version"][len("sha256-"):]
+    }  # fmt: skip
+    from seqops.predictor import Predictor
+
+    predictor = Predictor(out, device="cpu", threads=1)
+    assert predictor.info.run_id == "abc123"
+    assert predictor.info.done_threshold == 0.6
+
+
+def test_export_of_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    code = main(["export", "--checkpoint", str(tmp_path / "best.pt"), "--no-mlflow",
+                 "--out", str(tmp_path / "onnx"), "--run", str(tmp_path / "run.json")])  # fmt: skip
+    assert code == 2
+    assert "best.pt: checkpoint not found" in capsys.readouterr().err
+    assert not (tmp_path / "onnx").exists()
+
+
+@pytest.mark.slow
+def test_exemplar_model_exports_with_its_mask_input():
+    model_dir, info = exported("exemplars")
+    assert KINDS["exemplars"][0] is True and info["exemplars"] is True
+    encoder = onnx.load(model_dir / "encoder.onnx")
+    assert graph_io(encoder, "input") == {
+        "image": ["batch", 3, 64, 64],
+        "exemplar_mask": ["batch", 1, 8, 8],
+    }
+    assert info["parity"]["passed"] and info["parity"]["max_abs_diff"] <= 1e-4
+
+
+@pytest.mark.slow
+def test_pooled_head_exports_with_parity(tmp_path):
+    spec = E.ModelSpec.from_preset("tiny", 64, False, head="pooled")
+    model = E.make_untrained_model(spec, seed=0)
+    info = E.export_model(model, tmp_path / "onnx", E.build_metadata(spec, {}, 0.5, "p", None))
+    assert info["parity"]["passed"] and info["head"] == "pooled"
+
+
+@pytest.mark.slow
+def test_export_registers_the_model_in_the_training_run(tmp_path, mlflow_uri, monkeypatch):
+    import mlflow
+
+    from seqops.tracking import start_run
+
+    monkeypatch.chdir(tmp_path)
+    params = shrink_params()
+    training = start_run(params.model_dump(mode="json"), {"dvc_stage": "train"}, run_name="train")
+    training.finish()
+    checkpoint = write_checkpoint(tmp_path, params, run_id=training.run_id)
+    run_path = tmp_path / "models" / "train_run.json"
+    run_path.write_text(json.dumps({"run_id": training.run_id}))
+    result = E.run_export(
+        params, checkpoint, tmp_path / "models" / "onnx", run_path, tmp_path / "export.json"
+    )
+    assert result["mlflow_run_id"] == training.run_id and result["logged_in_training_run"]
+    client = mlflow.MlflowClient(mlflow_uri)
+    version = client.get_model_version_by_alias("seqops", "candidate")
+    assert str(version.version) == result["registered_version"]
+    assert version.run_id == training.run_id
+    assert json.loads((tmp_path / "export.json").read_text())["registered_version"] == str(
+        version.version
+    )
+    run = client.get_run(training.run_id)
+    assert run.data.metrics["export/parity_max_abs_diff"] == pytest.approx(
+        result["parity_max_abs_diff"]
+    )
+    local = Path(mlflow.artifacts.download_artifacts("models:/seqops@candidate"))
+    flavour = mlflow.models.Model.load(local / "MLmodel")
+    assert "onnx" in flavour.flavors
+    assert (local / "extra_files" / "encoder.onnx").is_file()
+    assert (local / "extra_files" / "step.onnx").is_file()
+    requirements = (local / "requirements.txt").read_text().split()
+    assert [r for r in requirements if r.startswith("onnxruntime")] == [
+        f"onnxruntime=={ort.__version__}"
+    ]  # one runtime package, not both the CPU and GPU ones (they conflict)
+    # Registering again (a later export) makes a new version and moves the alias to it.
+    from seqops.registry import log_model_to_mlflow
+
+    model_dir = tmp_path / "models" / "onnx"
+    info = json.loads((model_dir / "model.json").read_text())
+    again = log_model_to_mlflow(model_dir, training.run_id, info)
+    assert int(again["registered_version"]) == int(result["registered_version"]) + 1
+    moved = client.get_model_version_by_alias("seqops", "candidate")
+    assert str(moved.version) == again["registered_version"]

@@ -1,0 +1,248 @@
+"""The next-object network: shapes, exemplars, step cost, soft-argmax, spec, ONNX parity."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from seqops.config import Params
+from seqops.imaging import grid_centres, render_exemplar_mask, render_marks
+from seqops.model import (
+    PRESETS,
+    ModelSpec,
+    SeqCounter,
+    StepOutput,
+    make_coord_grid,
+    soft_argmax,
+    spec_from_params,
+)
+
+
+def _build(preset: str, size: int, exemplars: bool = False, **kw) -> SeqCounter:
+    torch.manual_seed(0)
+    return SeqCounter(ModelSpec.from_preset(preset, size, exemplars, **kw)).eval()
+
+
+def _mask(spec: ModelSpec, batch: int) -> torch.Tensor:
+    boxes = np.array([[10, 10, 30, 30], [40, 20, 56, 40]], np.float32) * spec.image_size / 64
+    mask = render_exemplar_mask(boxes, spec.image_size, spec.grid)
+    return torch.from_numpy(mask)[None, None].repeat(batch, 1, 1, 1)
+
+
+def _flops(fn) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize(("preset", "size"), [("tiny", 384), ("base", 128)])
+def test_encode_and_step_shapes(preset: str, size: int) -> None:
+    model = _build(preset, size)
+    spec = model.spec
+    images = torch.randn(2, 3, size, size)
+    marks = torch.from_numpy(render_marks(np.array([[0.1, -0.2]]), spec.grid, spec.mark_sigma))
+    marks = marks[None, None].repeat(2, 1, 1, 1)
+    with torch.no_grad():
+        features = model.encode(images)
+        out = model.step(features, marks)
+    assert features.shape == (2, spec.feature_channels, spec.grid, spec.grid)
+    assert isinstance(out, StepOutput)
+    assert out.xy.shape == (2, 2) and out.done_logit.shape == (2,)
+    assert out.heat_logits.shape == (2, spec.grid, spec.grid)
+    assert out.xy.abs().max() <= 1.0
+    # Initialisation: done is unlikely and the heat map near uniform (xy near the centre).
+    assert torch.sigmoid(out.done_logit).max() < 0.3
+    assert out.xy.abs().max() < 0.05
+    # forward == encode + step (the whole-network-per-object baseline).
+    with torch.no_grad():
+        assert torch.allclose(model(images, marks).xy, out.xy, atol=1e-6)
+
+
+def test_exemplar_mask_required_iff_built_with_exemplars() -> None:
+    with_ex, without = _build("tiny", 64, exemplars=True), _build("tiny", 64)
+    images = torch.randn(2, 3, 64, 64)
+    mask = _mask(with_ex.spec, 2)
+    with pytest.raises(ValueError, match="with exemplars; pass exemplar_mask"):
+        with_ex.encode(images)
+    with pytest.raises(ValueError, match="without exemplars; got exemplar_mask"):
+        without.encode(images, mask)
+    with pytest.raises(ValueError, match=r"exemplar_mask: expected shape \[B, 1, 8, 8\]"):
+        with_ex.encode(images, mask[:, :, :4])
+    with torch.no_grad():
+        features = with_ex.encode(images, mask)
+        other = with_ex.encode(images, torch.flip(mask, dims=(3,)))
+        empty = with_ex.encode(images, torch.zeros_like(mask))  # no exemplar cell: no NaN
+    assert features.shape == (2, with_ex.spec.feature_channels, 8, 8)
+    assert not torch.allclose(features, other)  # the exemplars condition the features
+    assert torch.isfinite(empty).all()
+
+
+def test_bad_shapes_name_the_input() -> None:
+    model = _build("tiny", 64)
+    with pytest.raises(ValueError, match=r"images: expected shape \[B, 3, 64, 64\]"):
+        model.encode(torch.randn(1, 3, 32, 32))
+    features = model.encode(torch.randn(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="marks: expected shape"):
+        model.step(features, torch.zeros(1, 1, 4, 4))
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_step_costs_at_most_a_tenth_of_an_encoding(preset: str) -> None:
+    """Counted FLOPs (robust under CPU load, unlike timing) at the real input size 384."""
+    model = _build(preset, 384)
+    g = model.spec.grid
+    images = torch.randn(1, 3, 384, 384)
+    features = model.encode(images).detach()
+    encode_flops = _flops(lambda: model.encode(images))
+    step_flops = _flops(lambda: model.step(features, torch.zeros(1, 1, g, g)))
+    assert 0 < step_flops <= 0.10 * encode_flops
+
+
+def test_soft_argmax_is_sub_cell_precise() -> None:
+    grid = 48
+    coords = make_coord_grid(grid)
+    np.testing.assert_allclose(coords[0, 0].numpy(), grid_centres(grid), atol=1e-6)
+    targets = torch.tensor([[0.1234, -0.4567], [-0.7001, 0.3333]])
+    sigma = 1.0 * 2.0 / grid  # one cell
+    d2 = (coords[None, 0] - targets[:, 0, None, None]) ** 2
+    d2 = d2 + (coords[None, 1] - targets[:, 1, None, None]) ** 2
+    xy = soft_argmax(-d2 / (2 * sigma**2), coords)
+    # 1e-4 normalised = 0.02 px at 384; a cell is 0.042.
+    torch.testing.assert_close(xy, targets, atol=1e-4, rtol=0)
+    peaked = torch.full((1, grid, grid), -50.0)
+    peaked[0, 7, 30] = 50.0
+    torch.testing.assert_close(
+        soft_argmax(peaked, coords), coords[:, 7, 30][None], atol=1e-6, rtol=0
+    )
+
+
+def test_heatmap_head_returns_the_soft_argmax_of_its_heat_map() -> None:
+    model = _build("tiny", 64)
+    torch.nn.init.normal_(model.stepper.heat.weight, std=1.0)
+    with torch.no_grad():
+        out = model(torch.randn(3, 3, 64, 64), torch.zeros(3, 1, 8, 8))
+    expected = soft_argmax(out.heat_logits, make_coord_grid(8))
+    torch.testing.assert_close(out.xy, expected)
+    assert out.xy.abs().max() > 0.01  # not trivially the centre
+
+
+def test_pooled_head_variant() -> None:
+    model = _build("tiny", 64, head="pooled")
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64), torch.zeros(2, 1, 8, 8))
+    assert out.xy.shape == (2, 2) and out.heat_logits.shape == (2, 8, 8)
+    assert out.xy.abs().max() < 1.0  # tanh
+    assert not torch.allclose(out.xy, soft_argmax(out.heat_logits, make_coord_grid(8)))
+
+
+@pytest.mark.parametrize("exemplars", [False, True])
+def test_every_parameter_gets_a_gradient(exemplars: bool) -> None:
+    model = _build("tiny", 64, exemplars=exemplars).train()
+    images = torch.randn(2, 3, 64, 64)
+    mask = _mask(model.spec, 2) if exemplars else None
+    features = model.encode(images, mask).repeat_interleave(3, 0)  # many steps per encoding
+    out = model.step(features, torch.rand(6, 1, 8, 8))
+    (out.xy.sum() + out.done_logit.sum() + out.heat_logits.logsumexp((1, 2)).sum()).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert missing == []
+
+
+def test_spec_round_trip_and_validation() -> None:
+    spec = ModelSpec.from_preset("base", 256, True, head="pooled", stride=4)
+    restored = ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
+    assert restored == spec and restored.grid == 64 and isinstance(restored.widths, tuple)
+    with pytest.raises(ValueError, match="unknown keys"):
+        ModelSpec.from_dict({**spec.to_dict(), "colour": 1})
+    with pytest.raises(ValueError, match=r"ModelSpec.image_size=100: .* multiple of .* 32"):
+        ModelSpec.from_preset("tiny", 100, False)
+    with pytest.raises(ValueError, match=r"ModelSpec.image_size=32: .*>= 2x"):
+        ModelSpec.from_preset("tiny", 32, False)  # 1x1 at stride 32: no batch statistics
+    with pytest.raises(ValueError, match=r"ModelSpec\.stride=6"):
+        ModelSpec.from_preset("tiny", 64, False, stride=6)
+    with pytest.raises(ValueError, match="model preset 'huge'"):
+        ModelSpec.from_preset("huge", 64, False)
+
+
+def test_spec_from_params() -> None:
+    params = Params.model_validate(
+        {"prepare": {"image_size": 256}, "model": {"preset": "base", "exemplars": True}}
+    )
+    spec = spec_from_params(params)
+    assert (spec.preset, spec.image_size, spec.exemplars) == ("base", 256, True)
+    assert spec.head == "heatmap"
+    assert spec.stride == PRESETS["base"]["stride"] and spec.grid == 256 // spec.stride
+    params = Params.model_validate({"model": {"head": "pooled", "stride": 16}})
+    assert (spec_from_params(params).head, spec_from_params(params).stride) == ("pooled", 16)
+
+
+class _Encode(torch.nn.Module):
+    def __init__(self, model: SeqCounter) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, exemplar_mask: torch.Tensor) -> torch.Tensor:
+        return self.model.encode(images, exemplar_mask)
+
+
+class _Step(torch.nn.Module):
+    def __init__(self, model: SeqCounter) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: torch.Tensor, marks: torch.Tensor):
+        return tuple(self.model.step(features, marks))
+
+
+def _export(module: torch.nn.Module, args: tuple, names: list[str], outs: list[str], path) -> None:
+    # The wrapper must be in eval mode: the exporter restores the wrapper's mode afterwards,
+    # recursively, which would put the wrapped model back into training mode.
+    torch.onnx.export(
+        module.eval(),
+        args,
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=names,
+        output_names=outs,
+        dynamic_axes={n: {0: "batch"} for n in names + outs},
+    )
+
+
+def test_onnx_export_matches_torch(tmp_path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    model = _build("tiny", 64, exemplars=True)
+    torch.manual_seed(1)
+    # Non-trivial random weights: a peaked heat map and BN statistics that are not identity.
+    torch.nn.init.normal_(model.stepper.heat.weight, std=1.0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    spec = model.spec
+    images, mask = torch.randn(2, 3, 64, 64), _mask(spec, 2)
+    features = model.encode(images, mask).detach()
+    marks = torch.rand(2, 1, spec.grid, spec.grid)
+    encoder_path, step_path = tmp_path / "encoder.onnx", tmp_path / "step.onnx"
+    _export(_Encode(model), (images, mask), ["images", "exemplar_mask"], ["features"], encoder_path)
+    outs = ["xy", "done_logit", "heat_logits"]
+    _export(_Step(model), (features, marks), ["features", "marks"], outs, step_path)
+    assert not model.training
+
+    providers = ["CPUExecutionProvider"]
+    encoder = ort.InferenceSession(str(encoder_path), providers=providers)
+    stepper = ort.InferenceSession(str(step_path), providers=providers)
+    # A different batch size than at export: the batch axis is dynamic.
+    images, mask = torch.randn(3, 3, 64, 64), _mask(spec, 3)
+    marks = torch.rand(3, 1, spec.grid, spec.grid)
+    (onnx_features,) = encoder.run(None, {"images": images.numpy(), "exemplar_mask": mask.numpy()})
+    with torch.no_grad():
+        features = model.encode(images, mask)
+        expected = model.step(features, marks)
+    np.testing.assert_allclose(onnx_features, features.numpy(), atol=1e-4, rtol=0)
+    onnx_out = stepper.run(None, {"features": onnx_features, "marks": marks.numpy()})
+    for got, want in zip(onnx_out, expected, strict=True):
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)
