@@ -1,0 +1,342 @@
+"""Load test of `seqops serve` on loopback: latency, throughput, step batching, overload.
+
+Starts the real server (one worker) and drives it with an asyncio/httpx load generator:
+
+1. closed loop (C clients, each sends its next request when the last one returns) for
+   images with few and many objects, C = 1, 4, 16, and a mixed load (half the clients
+   few, half many), with step batching on and off: throughput, p50/p99 latency, and the
+   server's mean batch size (from /metrics);
+2. overload: open-loop arrivals at 2x the throughput measured with batching at C = 16,
+   against the default queue bound: 429s must come back fast, and every accepted request
+   must succeed (no 5xx, no 504).
+
+The default model is the real network (tiny preset, 384 px) at random init with a done
+head that never fires, so ``max_objects`` sets each image's object count exactly: the cost
+of a request is what it would be for a trained model finding that many objects.
+
+    .venv/bin/python benchmarks/bench_serve.py --out bench_serve.json
+    .venv/bin/python benchmarks/bench_serve.py --model models/onnx --duration 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import random
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+from PIL import Image, ImageDraw
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def export_bench_model(out_dir: Path, image_size: int, preset: str) -> Path:
+    """A random-init network whose done head never fires (count = max_objects)."""
+    from seqops.export import build_metadata, export_model, make_untrained_model
+    from seqops.model import ModelSpec
+
+    spec = ModelSpec.from_preset(preset, image_size, False)
+    model = make_untrained_model(spec, seed=0, done_bias=-12.0)
+    export_model(model, out_dir, build_metadata(spec, {}, 0.5, "bench", None), opset=18)
+    return out_dir
+
+
+def scene_png(size: int, seed: int = 0) -> bytes:
+    """A synthetic scene (discs on a plain background), compressed as a photo-sized PNG."""
+    rng = random.Random(seed)
+    image = Image.new("RGB", (size, size), (200, 190, 170))
+    draw = ImageDraw.Draw(image)
+    for _ in range(40):
+        x, y, r = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(6, 14)
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=(60, 90, 160))
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+class ServerProcess:
+    """`seqops serve` on a free loopback port (stopped with SIGTERM)."""
+
+    def __init__(self, model: str, *args: str) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        script = Path(sys.executable).with_name("seqops")
+        command = [str(script), "serve", "--model", model, "--port", str(self.port),
+                   "--device", "cpu", "--no-access-log", *args]  # fmt: skip
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
+        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        stop_at = time.monotonic() + timeout
+        while time.monotonic() < stop_at and self.proc.poll() is None:
+            try:
+                if httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.log.seek(0)
+        raise RuntimeError(f"server not ready:\n{self.log.read().decode()[-3000:]}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+        self.log.close()
+
+
+def scrape(base: str) -> dict[str, float]:
+    """The unlabelled sample values of /metrics (enough for sums and counts)."""
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    values = {}
+    for line in text.splitlines():
+        match = re.match(r"^(seqops_[a-z_]+) ([0-9.e+-]+)$", line)
+        if match:
+            values[match.group(1)] = float(match.group(2))
+    return values
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def summarize(latencies: list[float], statuses: Counter, elapsed: float) -> dict:
+    ok = statuses.get(200, 0)
+    return {
+        "requests": sum(statuses.values()),
+        "ok": ok,
+        "statuses": dict(statuses),
+        "throughput_rps": round(ok / elapsed, 2),
+        "p50_ms": round(1e3 * percentile(latencies, 50), 1),
+        "p99_ms": round(1e3 * percentile(latencies, 99), 1),
+    }
+
+
+async def closed_loop(urls: list[str], png: bytes, duration: float) -> dict[str, dict]:
+    """One client per entry of ``urls``, each back to back for ``duration`` seconds;
+    results per distinct URL (so a mixed load reports each kind of request apart)."""
+    latencies: dict[str, list[float]] = {url: [] for url in urls}
+    statuses: dict[str, Counter] = {url: Counter() for url in urls}
+    limits = httpx.Limits(max_connections=len(urls) + 2)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        start = time.perf_counter()
+        stop_at = start + duration
+
+        async def client_loop(url: str) -> None:
+            while time.perf_counter() < stop_at:
+                t0 = time.perf_counter()
+                response = await client.post(url, content=png, headers=_PNG)
+                statuses[url][response.status_code] += 1
+                if response.status_code == 200:
+                    latencies[url].append(time.perf_counter() - t0)
+
+        await asyncio.gather(*(client_loop(url) for url in urls))
+        elapsed = time.perf_counter() - start
+    return {url: summarize(latencies[url], statuses[url], elapsed) for url in latencies}
+
+
+async def open_loop(url: str, png: bytes, rate: float, duration: float) -> dict:
+    """Poisson arrivals at ``rate`` per second for ``duration`` seconds, none retried."""
+    rng = random.Random(1)
+    accepted: list[float] = []
+    refused: list[float] = []
+    statuses: Counter = Counter()
+    limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+
+        async def one() -> None:
+            t0 = time.perf_counter()
+            try:
+                response = await client.post(url, content=png, headers=_PNG)
+                status = response.status_code
+            except httpx.TransportError:
+                status = -1
+            statuses[status] += 1
+            (accepted if status == 200 else refused).append(time.perf_counter() - t0)
+
+        start = time.perf_counter()
+        tasks = []
+        while time.perf_counter() - start < duration:
+            tasks.append(asyncio.create_task(one()))
+            await asyncio.sleep(rng.expovariate(rate))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+    result = summarize(accepted, statuses, elapsed)
+    result["offered_rps"] = round(len(tasks) / duration, 1)
+    result["refused_p50_ms"] = round(1e3 * percentile(refused, 50), 1)
+    result["refused_p99_ms"] = round(1e3 * percentile(refused, 99), 1)
+    failed = sum(n for code, n in statuses.items() if code not in (200, 429))
+    result["accepted_failed"] = failed
+    return result
+
+
+_PNG = {"content-type": "image/png"}
+
+
+def run_closed_loops(model: str, png: bytes, args: argparse.Namespace) -> list[dict]:
+    """Each load against a server with batching on and one with it off, back to back (the
+    shared machine's load changes slowly, so neighbours in time compare fairly)."""
+    servers = {True: ServerProcess(model), False: ServerProcess(model, "--no-batching")}
+    rows = []
+    try:
+        for server in servers.values():
+            server.wait_ready()
+        loads = [(f"{n} objects", [n] * c) for n in (args.few, args.many) for c in args.concurrency]
+        half = max(args.concurrency) // 2
+        loads.append(("mixed", [args.few] * half + [args.many] * half))
+        for server in servers.values():  # warm-up
+            asyncio.run(closed_loop([f"{server.base}/predict?max_objects=5"] * 2, png, 1.0))
+        for round_ in range(args.rounds):  # alternate the order: no mode always goes first
+            order = list(servers.items())[:: 1 if round_ % 2 == 0 else -1]
+            for name, counts in loads:
+                for batching, server in order:
+                    rows += measure(server, batching, name, counts, png, args.duration)
+    finally:
+        for server in servers.values():
+            server.stop()
+    return aggregate(rows)
+
+
+def measure(server, batching: bool, name: str, counts: list[int], png: bytes, duration: float):
+    """One closed-loop run; a row per kind of request, with the server's mean batch."""
+    urls = [f"{server.base}/predict?max_objects={n}" for n in counts]
+    before = scrape(server.base)
+    results = asyncio.run(closed_loop(urls, png, duration))
+    after = scrape(server.base)
+    steps = after["seqops_step_seconds_count"] - before["seqops_step_seconds_count"]
+    images = after["seqops_batch_size_sum"] - before["seqops_batch_size_sum"]
+    rows = []
+    for url, result in results.items():
+        row = {
+            "batching": batching,
+            "load": name,
+            "objects": int(url.rsplit("=", 1)[1]),
+            "concurrency": len(urls),
+            **result,
+            "mean_batch": round(images / steps, 2) if steps else None,
+        }
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Medians over the rounds of each (mode, load, kind of request)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        key = (row["batching"], row["load"], row["objects"], row["concurrency"])
+        groups.setdefault(key, []).append(row)
+    merged = []
+    for (batching, load, objects, concurrency), group in groups.items():
+        merged.append({
+            "batching": batching, "load": load, "objects": objects, "concurrency": concurrency,
+            "rounds": len(group),
+            **{k: round(statistics.median(r[k] for r in group), 2)
+               for k in ("throughput_rps", "p50_ms", "p99_ms", "mean_batch")},
+            "failed": sum(r["requests"] - r["ok"] for r in group),
+        })  # fmt: skip
+    return sorted(
+        merged, key=lambda r: (r["load"], r["objects"], r["concurrency"], not r["batching"])
+    )
+
+
+def run_overload(model: str, png: bytes, rate: float, objects: int, duration: float) -> dict:
+    server = ServerProcess(model)  # the defaults: max_active 32, max_queue 32
+    try:
+        server.wait_ready()
+        url = f"{server.base}/predict?max_objects={objects}"
+        asyncio.run(closed_loop([url, url], png, 1.0))
+        result = asyncio.run(open_loop(url, png, rate, duration))
+    finally:
+        server.stop()
+    result.update({"objects": objects, "target_rps": round(rate, 1)})
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def table(rows: list[dict]) -> str:
+    """The closed-loop results as a markdown table."""
+    lines = [
+        "| batching | load | clients | objects | req/s | p50 ms | p99 ms | mean batch |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {'on' if r['batching'] else 'off'} | {r['load']} | {r['concurrency']} | "
+            f"{r['objects']} | {r['throughput_rps']} | {r['p50_ms']} | {r['p99_ms']} | "
+            f"{r['mean_batch']} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="model directory (default: a random-init export)")
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--image-size", type=int, default=384)
+    parser.add_argument("--few", type=int, default=5, help="objects per image, 'few'")
+    parser.add_argument("--many", type=int, default=50, help="objects per image, 'many'")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--duration", type=float, default=6.0, help="seconds per run")
+    parser.add_argument("--rounds", type=int, default=2, help="runs per load and mode (median)")
+    parser.add_argument("--out", type=Path, help="write the results as JSON")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or str(
+            export_bench_model(Path(tmp) / "model", args.image_size, args.preset)
+        )
+        png = scene_png(args.image_size)
+        rows = run_closed_loops(model, png, args)
+        top = max(
+            (r for r in rows if r["batching"] and r["load"] == f"{args.many} objects"),
+            key=lambda r: r["throughput_rps"],
+        )
+        overload = run_overload(model, png, 2 * top["throughput_rps"], args.many, args.duration)
+    report = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+            "load_avg_1m": round(os.getloadavg()[0], 2),
+        },
+        "model": args.model or f"random-init {args.preset} @ {args.image_size} px",
+        "closed_loop": rows,
+        "overload": overload,
+    }
+    print(table(rows))
+    print(json.dumps(overload, indent=2))
+    on = {(r["load"], r["objects"], r["concurrency"]): r for r in rows if r["batching"]}
+    for off in (r for r in rows if not r["batching"] and r["throughput_rps"]):
+        r = on[(off["load"], off["objects"], off["concurrency"])]
+        print(
+            f"batching on/off, {off['load']} ({off['objects']} objects), {off['concurrency']}"
+            f" clients: throughput {r['throughput_rps'] / off['throughput_rps']:.2f}x,"
+            f" p50 {r['p50_ms']} vs {off['p50_ms']} ms"
+        )
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+    print(f"machine: {report['machine']}; model: {report['model']}")
+
+
+if __name__ == "__main__":
+    main()

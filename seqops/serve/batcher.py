@@ -1,0 +1,308 @@
+"""Step-level batching: concurrent requests share batched step runs.
+
+One asyncio task owns the predictor. Requests are admitted (or refused at once when the
+queue is full), decoded elsewhere, and submitted as :class:`Job` s. Each turn of the loop
+encodes newcomers (a batch of up to ``run_batch``) and then steps every active image once,
+in runs of ``run_batch`` images, so images join and leave between steps: a request with 3
+objects does not wait for one with 300. The onnxruntime calls run in a dedicated thread
+so the event loop keeps answering health checks, admitting requests and streaming points.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from seqops import imaging
+from seqops.predictor import Predictor, PreparedImage, Rollout
+from seqops.serve.metrics import ServeMetrics
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(Exception):
+    """The bounded queue is full; retry after ``retry_after`` seconds."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"server busy: the request queue is full; retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+class DeadlineError(Exception):
+    """The request's deadline passed; the loop stopped between steps."""
+
+
+class ShuttingDownError(Exception):
+    """The server is stopping and takes no new work."""
+
+
+def _new_future() -> asyncio.Future:
+    return asyncio.get_running_loop().create_future()
+
+
+@dataclass(eq=False)
+class Job:
+    """One image's way through the batcher."""
+
+    image: PreparedImage
+    threshold: float
+    max_objects: int
+    deadline: float  # time.monotonic() after which the loop stops between steps
+    initial_points: Sequence[tuple[float, float]] = ()  # normalised (/next: objects given)
+    stream: asyncio.Queue | None = None  # receives point dicts, then None
+    prepare_ms: float = 0.0  # decoding/resizing, before submission
+    future: asyncio.Future = field(default_factory=_new_future)
+    submitted: float = field(default_factory=time.perf_counter)
+    started: float = 0.0  # encoding began
+    encode_s: float = 0.0
+    rollout: Rollout | None = None  # once encoded
+    sent: int = 0  # points already pushed to ``stream``
+
+
+def points_to_original(points_norm: Sequence, image: PreparedImage, size: int) -> np.ndarray:
+    """Normalised points -> ``[N, 2]`` original image pixels."""
+    model_px = imaging.norm_to_pixels(np.asarray(points_norm, np.float32), size)
+    return model_px / np.asarray(image.scale, np.float32)
+
+
+class StepBatcher:
+    """Owns the predictor; runs encode + step turns over all active images.
+
+    Args:
+        predictor: the loaded predictor.
+        max_active: images in the loop together at most (1: one request at a time).
+        max_queue: requests admitted but not yet stepping; beyond it :class:`QueueFullError`.
+        metrics: where step/encode/batch/queue observations go.
+        run_batch: images per onnxruntime run. A turn steps every active image, in runs of
+            this many; at most this many newcomers are encoded per turn. On a CPU a step's
+            working set outgrows the caches beyond a few images (grid 48: ~150 kB per image
+            per activation), so large runs cost more per image than small ones; a GPU
+            wants large runs.
+    """
+
+    def __init__(
+        self,
+        predictor: Predictor,
+        max_active: int,
+        max_queue: int,
+        metrics: ServeMetrics,
+        run_batch: int = 4,
+    ) -> None:
+        self.predictor = predictor
+        self.max_active = max_active
+        self.max_queue = max_queue
+        self.run_batch = max(1, min(run_batch, max_active))
+        self.metrics = metrics
+        self._pending = 0  # admitted and not yet active (decoding or in _waiting)
+        self._waiting: deque[Job] = deque()
+        self._active: list[Job] = []
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="seqops-onnx")
+        self._request_s = 0.05  # moving average of a request's time, for Retry-After
+
+    # -- admission ---------------------------------------------------------------------
+
+    def admit(self) -> None:
+        """Reserve a queue place before decoding; raises at once when there is none."""
+        if self._closing:
+            raise ShuttingDownError("server is shutting down")
+        if self._pending >= self.max_queue:
+            raise QueueFullError(self.retry_after())
+        self._pending += 1
+        self.metrics.queue_depth.inc()
+
+    def release(self) -> None:
+        """Give back a place reserved by :meth:`admit` that will not be submitted."""
+        self._pending -= 1
+        self.metrics.queue_depth.dec()
+
+    def retry_after(self) -> int:
+        """Seconds until a place is likely free: the queue ahead over the loop's width."""
+        ahead = (self._pending + len(self._active)) / self.max_active
+        return max(1, math.ceil(ahead * self._request_s))
+
+    def submit(self, job: Job) -> asyncio.Future:
+        """Queue an admitted job; its future resolves to a :class:`Prediction`."""
+        self._waiting.append(job)
+        self._wake.set()
+        return job.future
+
+    @property
+    def load(self) -> dict[str, int]:
+        """Current occupancy (for logs and tests)."""
+        return {"pending": self._pending, "active": len(self._active)}
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the loop task (inside the running event loop)."""
+        self._task = asyncio.create_task(self._run(), name="seqops-batcher")
+
+    async def close(self, timeout: float = 30.0) -> None:
+        """Take no new work, let admitted requests finish (up to ``timeout``), stop."""
+        self._closing = True
+        stop_at = time.monotonic() + timeout
+        while (self._pending or self._active) and time.monotonic() < stop_at:
+            await asyncio.sleep(0.05)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for job in [*self._waiting, *self._active]:
+            _fail(job, ShuttingDownError("server stopped before the request finished"))
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- the loop ----------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._waiting and not self._active:
+                self._wake.clear()
+                await self._wake.wait()
+            self._drop_expired()
+            newcomers: list[Job] = []
+            room = min(self.max_active - len(self._active), self.run_batch)
+            while self._waiting and len(newcomers) < room:
+                job = self._waiting.popleft()
+                self._pending -= 1
+                self.metrics.queue_depth.dec()
+                if not job.future.done():
+                    newcomers.append(job)
+            if not newcomers and not self._active:
+                continue
+            started = time.perf_counter()
+            for job in newcomers:
+                job.started = started
+                self.metrics.queue_seconds.observe(started - job.submitted)
+            jobs = self._active + newcomers
+            try:
+                finished, encode_s, step_s = await loop.run_in_executor(
+                    self._executor, self._turn, newcomers, jobs
+                )
+            except Exception as exc:  # a failed run fails its requests, not the server
+                log.exception("step run failed for %d request(s)", len(jobs))
+                for job in jobs:
+                    _fail(job, exc)
+                self._active = []
+                continue
+            if newcomers:
+                self.metrics.encode_seconds.observe(encode_s)
+            self.metrics.step_seconds.observe(step_s)
+            self.metrics.batch_size.observe(len(jobs))
+            self._active = []
+            for job, done in zip(jobs, finished, strict=True):
+                try:
+                    self._push_points(job)
+                    if done:
+                        self._resolve(job)
+                    elif not job.future.done():
+                        self._active.append(job)
+                except Exception as exc:  # one request's bad luck must not stop the loop
+                    log.exception("finishing a request failed")
+                    _fail(job, exc)
+
+    def _turn(self, newcomers: list[Job], jobs: list[Job]) -> tuple[list[bool], float, float]:
+        """Worker thread: encode the newcomers, then one step of every job (in runs of
+        ``run_batch`` images)."""
+        predictor = self.predictor
+        info = predictor.info
+        sigma = info.mark_sigma
+        t0 = time.perf_counter()
+        if newcomers:
+            rollouts = predictor.start([job.image for job in newcomers])
+            for job, rollout in zip(newcomers, rollouts, strict=True):
+                job.rollout = rollout
+                if len(job.initial_points):
+                    rollout.points_norm = [tuple(p) for p in job.initial_points]
+                    rollout.marks[0] = imaging.render_marks(
+                        np.asarray(job.initial_points), info.grid, info.mark_sigma
+                    )
+                job.sent = len(job.initial_points)
+            for job in newcomers:
+                job.encode_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        finished = []
+        for start in range(0, len(jobs), self.run_batch):
+            run = jobs[start : start + self.run_batch]
+            features = np.stack([job.rollout.features for job in run])
+            marks = np.stack([job.rollout.marks for job in run])
+            xy, done = predictor.step(features, marks)
+            finished += [
+                job.rollout.advance(xy[i], done[i], job.threshold, job.max_objects, sigma)
+                for i, job in enumerate(run)
+            ]
+        return finished, t1 - t0, time.perf_counter() - t1
+
+    def _drop_expired(self) -> None:
+        """Between steps: stop the loops whose deadline passed or whose client left."""
+        now = time.monotonic()
+        keep = []
+        for job in self._active:
+            if job.future.done():  # cancelled: the client went away
+                continue
+            if now > job.deadline:
+                job.rollout.stopped_by = "deadline"
+                found = len(job.rollout.points_norm) - len(job.initial_points)
+                _fail(job, DeadlineError(f"deadline passed after {found} object(s)"))
+                continue
+            keep.append(job)
+        self._active = keep
+        for job in list(self._waiting):
+            if not job.future.done() and now > job.deadline:
+                _fail(job, DeadlineError("deadline passed while the request was queued"))
+
+    def _push_points(self, job: Job) -> None:
+        if job.stream is None or job.future.done():
+            return
+        rollout = job.rollout
+        new = rollout.points_norm[job.sent :]
+        if not new:
+            return
+        size = self.predictor.info.image_size
+        for k, (x, y) in enumerate(points_to_original(new, job.image, size), start=job.sent):
+            job.stream.put_nowait(
+                {
+                    "event": "point",
+                    "index": k,
+                    "x": round(float(x), 2),
+                    "y": round(float(y), 2),
+                    "done_prob": round(rollout.done_probs[k], 4),
+                }
+            )
+        job.sent = len(rollout.points_norm)
+
+    def _resolve(self, job: Job) -> None:
+        if job.future.done():
+            return
+        now = time.perf_counter()
+        steps = len(job.rollout.done_probs)
+        self.metrics.steps_per_request.observe(steps)
+        self._request_s = 0.9 * self._request_s + 0.1 * (now - job.submitted)
+        timings = {
+            "prepare": job.prepare_ms,
+            "queue": 1e3 * (job.started - job.submitted),
+            "encode": 1e3 * job.encode_s,
+            "steps": 1e3 * (now - job.started - job.encode_s),
+        }
+        job.future.set_result(self.predictor.finish(job.rollout, timings))
+        if job.stream is not None:
+            job.stream.put_nowait(None)
+
+
+def _fail(job: Job, exc: BaseException) -> None:
+    if not job.future.done():
+        job.future.set_exception(exc)
+    if job.stream is not None:
+        job.stream.put_nowait(None)

@@ -1,0 +1,188 @@
+"""HTTP plumbing shared by the routes: body limit, error format, reading image requests."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from seqops.serve.schemas import ErrorResponse
+from seqops.serve.service import ServeError
+
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "application/octet-stream")
+ERROR_RESPONSES = {
+    code: {"model": ErrorResponse, "description": why}
+    for code, why in {
+        400: "undecodable image or body",
+        401: "missing or wrong API key",
+        413: "body or image too large",
+        415: "unsupported Content-Type",
+        422: "invalid parameters, or exemplars the model does not take / needs",
+        429: "queue full; see Retry-After",
+        503: "loading or shutting down",
+        504: "deadline passed; the loop stopped between steps",
+    }.items()
+}
+
+
+def image_body_doc(json_model: type) -> dict:
+    """OpenAPI for a body that is a raw image, a multipart upload, or JSON with base64."""
+    binary = {"schema": {"type": "string", "format": "binary"}}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "image/png": binary,
+                "image/jpeg": binary,
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        "properties": {"file": {"type": "string", "format": "binary"}},
+                    }
+                },
+                "application/json": {"schema": json_model.model_json_schema()},
+            },
+        }
+    }
+
+
+# --- body limit, errors ------------------------------------------------------------
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over the limit: by Content-Length before reading anything, or while
+    streaming a body without one (chunked), before it is all in memory."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        message = f"body: larger than the limit of {self.max_bytes} bytes"
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await error_response(scope["path"], 413, message)(scope, receive, send)
+            return
+        seen = 0
+        started = False
+
+        async def limited_receive():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _BodyTooLarge
+            return msg
+
+        async def tracking_send(msg):
+            nonlocal started
+            started = started or msg["type"] == "http.response.start"
+            await send(msg)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await error_response(scope["path"], 413, message)(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def error_response(path: str, status: int, message: Any, headers=None) -> JSONResponse:
+    # KServe clients expect {"error": ...}; the simple API uses FastAPI's {"detail": ...}.
+    if path.startswith("/v2"):
+        if not isinstance(message, str):
+            message = "; ".join(
+                f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in message
+            )
+        return JSONResponse({"error": message}, status, headers=headers)
+    return JSONResponse({"detail": message}, status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServeError)
+    async def _serve_error(request: Request, exc: ServeError):
+        return error_response(request.url.path, exc.status, exc.message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return error_response(request.url.path, 422, _jsonable_errors(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return error_response(request.url.path, exc.status_code, exc.detail, exc.headers)
+
+
+def _jsonable_errors(errors) -> list[dict]:
+    return [
+        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+        for e in errors
+    ]
+
+
+# --- reading requests ---------------------------------------------------------------------
+
+
+async def read_image_request(request: Request, json_model: type) -> tuple[bytes, dict]:
+    """The image bytes and the option fields of a raw, multipart or JSON body."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "application/json":
+        try:
+            payload = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ServeError(400, f"body: not valid JSON ({exc})") from None
+        if not isinstance(payload, dict):
+            raise ServeError(422, "body: expected a JSON object with an 'image' field")
+        try:
+            parsed = json_model.model_validate(payload)
+        except ValidationError as exc:
+            raise RequestValidationError(_located(exc, "body")) from None
+        try:
+            data = base64.b64decode(parsed.image, validate=True)
+        except (binascii.Error, ValueError):
+            raise ServeError(400, "image: not valid base64") from None
+        return data, parsed.model_dump(exclude={"image"}, exclude_unset=True)
+    if ctype == "multipart/form-data":
+        form = await request.form(max_files=1, max_fields=16)
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise ServeError(422, "file: a multipart upload named 'file' is required")
+        fields = {k: v for k, v in form.items() if k != "file"}
+        return await upload.read(), fields
+    if ctype in IMAGE_TYPES or ctype.startswith("image/"):
+        return await request.body(), {}
+    raise ServeError(
+        415,
+        f"Content-Type {ctype or '(none)'!r}: send image/png or image/jpeg, multipart/form-data"
+        " with a 'file' part, or application/json {\"image\": <base64>}",
+    )
+
+
+def _located(exc: ValidationError, where: str) -> list[dict]:
+    errors = exc.errors(include_url=False, include_context=False)
+    return [{**e, "loc": (where, *e["loc"])} for e in errors]
+
+
+def parse_options(model: type, query: dict, fields: dict):
+    """Query parameters + body fields -> validated options (body fields win)."""
+    given = {k: v for k, v in query.items() if v is not None} | fields
+    try:
+        return model.model_validate(given)
+    except ValidationError as exc:
+        raise RequestValidationError(_located(exc, "options")) from None

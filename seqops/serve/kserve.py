@@ -1,0 +1,300 @@
+"""KServe v2 / Open Inference Protocol routes, so standard clients (``tritonclient.http``)
+work unchanged.
+
+Inputs: ``image`` as ``UINT8 [H, W, 3]`` (``[1, H, W, 3]`` also taken) or an encoded
+PNG/JPEG as ``BYTES [1]`` (base64 in JSON, raw in binary form), optionally ``exemplars``
+``[K, 4]`` boxes. Tensor data comes as JSON or, as ``tritonclient`` sends it by default, as
+binary after the JSON header (Triton's binary tensor extension,
+``Inference-Header-Content-Length``). Outputs ``count`` ``INT32 [1]`` and ``points``
+``FP32 [N, 2]``, always as JSON (which ``tritonclient`` reads too). Loop settings go in the
+request ``parameters``; errors are ``{"error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import struct
+import time
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from seqops import __version__
+from seqops.serve.batcher import Job
+from seqops.serve.schemas import (
+    InferRequest,
+    InferResponse,
+    KServeError,
+    ModelMetadata,
+    PredictOptions,
+    ServerMetadata,
+)
+from seqops.serve.service import ServeError, Service, require_api_key
+
+router = APIRouter(prefix="/v2", tags=["kserve v2"])
+
+OUTPUTS = {"count": ("INT32", [1]), "points": ("FP32", [-1, 2])}
+# Request parameters tritonclient may send that do not concern this model.
+_TRITON_PARAMETERS = {"binary_data_output", "priority", "sequence_id", "sequence_start",
+                      "sequence_end"}  # fmt: skip
+_NUMERIC = {
+    "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "INT8": np.int8,
+    "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
+    "FP32": np.float32, "FP64": np.float64,
+}  # fmt: skip
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": KServeError} for code in (400, 401, 404, 413, 422, 429, 503, 504)
+}
+
+
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def _model(service: Service, name: str, version: str | None) -> None:
+    """404 unless ``name`` (and ``version``) is the served model; 503 before it is loaded."""
+    if service.predictor is None:
+        raise ServeError(503, "not ready: the model is still loading", {"Retry-After": "1"})
+    served = service.predictor.info.name
+    if name != served:
+        raise ServeError(404, f"model {name!r} not found; this server serves {served!r}")
+    if version is not None and version != service.version:
+        raise ServeError(
+            404, f"model {name!r} version {version!r} not found; serving {service.version!r}"
+        )
+
+
+# --- health and metadata ------------------------------------------------------------------
+
+
+@router.get("", response_model=ServerMetadata)
+async def server_metadata() -> dict:
+    """Server name, version and protocol extensions."""
+    return {"name": "seqops", "version": __version__, "extensions": ["binary_tensor_data"]}
+
+
+@router.get("/health/live")
+async def server_live(request: Request) -> JSONResponse:
+    """Liveness."""
+    service = _service(request)
+    if service.load_error:
+        return JSONResponse({"error": service.load_error}, 503)
+    return JSONResponse({"live": True})
+
+
+@router.get("/health/ready")
+async def server_ready(request: Request) -> JSONResponse:
+    """Readiness: the model is loaded and warmed up, and the server is not stopping."""
+    service = _service(request)
+    if not service.ready:
+        return JSONResponse({"error": "not ready", "ready": False}, 503)
+    return JSONResponse({"ready": True})
+
+
+async def _model_metadata(request: Request, model_name: str, version: str | None = None):
+    service = _service(request)
+    _model(service, model_name, version)
+    info = service.predictor.info
+    inputs = [{"name": "image", "datatype": "UINT8", "shape": [-1, -1, 3]}]
+    if info.exemplars:
+        inputs.append({"name": "exemplars", "datatype": "FP32", "shape": [-1, 4]})
+    return {
+        "name": info.name,
+        "versions": [service.version],
+        "platform": "onnxruntime_onnx",
+        "inputs": inputs,
+        "outputs": [{"name": n, "datatype": d, "shape": s} for n, (d, s) in OUTPUTS.items()],
+    }
+
+
+async def _model_ready(request: Request, model_name: str, version: str | None = None):
+    service = _service(request)
+    _model(service, model_name, version)
+    if not service.ready:
+        return JSONResponse({"error": f"model {model_name!r} is not ready"}, 503)
+    return JSONResponse({"name": model_name, "ready": True})
+
+
+_auth = [Depends(require_api_key)]
+for _path, _fn in [
+    ("/models/{model_name}", _model_metadata),
+    ("/models/{model_name}/versions/{version}", _model_metadata),
+]:
+    router.add_api_route(
+        _path, _fn, methods=["GET"], response_model=ModelMetadata, responses=_ERRORS,
+        dependencies=_auth, summary="Model metadata: inputs and outputs",
+    )  # fmt: skip
+for _path in ["/models/{model_name}/ready", "/models/{model_name}/versions/{version}/ready"]:
+    router.add_api_route(_path, _model_ready, methods=["GET"], summary="Model readiness")
+
+
+# --- inference ------------------------------------------------------------------------------
+
+
+async def infer(request: Request, model_name: str, version: str | None = None) -> JSONResponse:
+    """Count the objects of one image; the request ``id`` is echoed."""
+    t0 = time.perf_counter()
+    service = _service(request)
+    _model(service, model_name, version)
+    service.check_ready()
+    body = await request.body()
+    header_length = request.headers.get("inference-header-content-length")
+    async with service.slot() as slot:
+        req, image = await service.in_pool(_parse_and_prepare, service, body, header_length)
+        options = _loop_options(req.parameters or {})
+        threshold, max_objects, deadline = service.loop_settings(options, options.max_objects)
+        prepare_ms = 1e3 * (time.perf_counter() - t0)
+        job = Job(image, threshold, max_objects, deadline, prepare_ms=prepare_ms)
+        slot.submit(job)
+    prediction = await service.wait(job)
+    wanted = [o.name for o in req.outputs] if req.outputs else list(OUTPUTS)
+    points = np.asarray(prediction.points, np.float32).reshape(-1, 2)
+    tensors = {
+        "count": {"name": "count", "datatype": "INT32", "shape": [1], "data": [prediction.count]},
+        "points": {
+            "name": "points",
+            "datatype": "FP32",
+            "shape": [len(points), 2],
+            "data": [round(float(v), 2) for v in points.ravel()],
+        },
+    }
+    response = {
+        "model_name": service.predictor.info.name,
+        "model_version": service.version,
+        "parameters": {
+            "stopped_by": prediction.stopped_by,
+            "done_prob": prediction.done_probs[-1] if prediction.done_probs else None,
+            "provider": service.predictor.provider,
+            "total_ms": round(1e3 * (time.perf_counter() - t0), 3),
+        },
+        "outputs": [tensors[name] for name in wanted],
+    }
+    if req.id is not None:
+        response["id"] = req.id
+    return JSONResponse(response)
+
+
+for _path in ["/models/{model_name}/infer", "/models/{model_name}/versions/{version}/infer"]:
+    router.add_api_route(
+        _path, infer, methods=["POST"], response_model=InferResponse, responses=_ERRORS,
+        dependencies=_auth, summary="Inference (Open Inference Protocol, JSON tensors)",
+    )  # fmt: skip
+
+
+def _loop_options(parameters: dict[str, Any]) -> PredictOptions:
+    """``max_objects``, ``done_threshold``, ``deadline_s`` (or Triton's ``timeout`` in µs)."""
+    given = {k: v for k, v in parameters.items() if k not in _TRITON_PARAMETERS}
+    timeout_us = given.pop("timeout", None)
+    if timeout_us is not None and "deadline_s" not in given:
+        if not isinstance(timeout_us, int | float) or timeout_us <= 0:
+            raise ServeError(400, f"parameters.timeout: microseconds > 0, got {timeout_us!r}")
+        given["deadline_s"] = timeout_us / 1e6
+    try:
+        return PredictOptions.model_validate(given)
+    except ValidationError as exc:
+        detail = "; ".join(
+            f"parameters.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
+        )
+        raise ServeError(400, detail) from None
+
+
+def _parse_and_prepare(service: Service, body: bytes, header_length: str | None):
+    """Pool thread: parse the request (JSON + binary tensors) and prepare the image."""
+    req, raw = parse_infer_request(body, header_length)
+    tensors = {t.name: t for t in req.inputs}
+    unknown = sorted(set(tensors) - {"image", "exemplars"})
+    if unknown:
+        raise ServeError(400, f"inputs: unknown {unknown}; this model takes 'image', 'exemplars'")
+    if "image" not in tensors:
+        raise ServeError(400, "inputs: 'image' is required (UINT8 [H, W, 3] or BYTES [1])")
+    for out in req.outputs or []:
+        if out.name not in OUTPUTS:
+            raise ServeError(400, f"outputs: unknown {out.name!r}; known: {list(OUTPUTS)}")
+    image = _image_input(tensors["image"], raw.get("image"))
+    exemplars = None
+    if "exemplars" in tensors:
+        exemplars = _tensor_array(tensors["exemplars"], raw.get("exemplars")).reshape(-1, 4)
+        exemplars = exemplars.astype(np.float64).tolist()
+    return req, service.prepare_image(image, exemplars)
+
+
+def parse_infer_request(body: bytes, header_length: str | None) -> tuple[InferRequest, dict]:
+    """The JSON header as :class:`InferRequest`, and each binary input's bytes by name."""
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise ServeError(400, f"Inference-Header-Content-Length: bad value {header_length!r}")
+        split = int(header_length)
+        header, binary = body[:split], body[split:]
+    else:
+        header, binary = body, b""
+    try:
+        req = InferRequest.model_validate_json(header)
+    except ValidationError as exc:
+        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ServeError(400, f"request: {detail}") from None
+    raw, offset = {}, 0
+    for tensor in req.inputs:
+        size = (tensor.parameters or {}).get("binary_data_size")
+        if size is None:
+            continue
+        if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            raise ServeError(400, f"inputs.{tensor.name}: binary_data_size {size!r} out of range")
+        raw[tensor.name] = binary[offset : offset + size]
+        offset += size
+    if offset != len(binary):
+        raise ServeError(400, f"body: {len(binary) - offset} binary bytes belong to no input")
+    return req, raw
+
+
+def _image_input(tensor, raw: bytes | None) -> bytes | np.ndarray:
+    if tensor.datatype == "BYTES":
+        if int(np.prod(tensor.shape)) != 1:
+            raise ServeError(400, f"image: BYTES shape must hold one image, got {tensor.shape}")
+        if raw is not None:  # 4-byte little-endian length, then the bytes
+            if len(raw) < 4 or struct.unpack_from("<I", raw)[0] != len(raw) - 4:
+                raise ServeError(400, "image: malformed binary BYTES element")
+            return raw[4:]
+        data = tensor.data
+        while isinstance(data, list) and len(data) == 1:
+            data = data[0]
+        if not isinstance(data, str):
+            raise ServeError(400, "image: BYTES data in JSON must be one base64 string")
+        try:
+            return base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise ServeError(400, "image: BYTES data is not valid base64") from None
+    if tensor.datatype != "UINT8":
+        raise ServeError(
+            400, f"image: datatype UINT8 [H, W, 3] or BYTES [1] expected, got {tensor.datatype}"
+        )
+    shape = list(tensor.shape)
+    if len(shape) == 4 and shape[0] == 1:
+        shape = shape[1:]
+    if len(shape) != 3 or shape[2] != 3:
+        raise ServeError(400, f"image: UINT8 shape must be [H, W, 3], got {tensor.shape}")
+    return _tensor_array(tensor, raw).reshape(shape)
+
+
+def _tensor_array(tensor, raw: bytes | None) -> np.ndarray:
+    """A numeric tensor's data (JSON, flat or nested, or binary) checked against its shape."""
+    dtype = _NUMERIC.get(tensor.datatype)
+    if dtype is None:
+        raise ServeError(400, f"{tensor.name}: unsupported datatype {tensor.datatype}")
+    expected = int(np.prod(tensor.shape)) if tensor.shape else 1
+    if raw is not None:
+        if len(raw) != expected * np.dtype(dtype).itemsize:
+            raise ServeError(400, f"{tensor.name}: {len(raw)} bytes do not fit {tensor.shape}")
+        return np.frombuffer(raw, dtype)
+    try:
+        values = np.asarray(tensor.data, np.float64).ravel()
+    except (TypeError, ValueError):
+        raise ServeError(400, f"{tensor.name}: data must be a list of numbers") from None
+    if values.size != expected:
+        raise ServeError(400, f"{tensor.name}: {values.size} values do not fit {tensor.shape}")
+    if dtype is np.uint8 and (values.min(initial=0) < 0 or values.max(initial=0) > 255):
+        raise ServeError(400, f"{tensor.name}: UINT8 values must be in 0..255")
+    return values.astype(dtype)

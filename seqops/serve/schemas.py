@@ -1,0 +1,200 @@
+"""Request and response models: validation with clear 422s, and the OpenAPI schema for free."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from seqops.predictor import MAX_EXEMPLARS
+
+Box = Annotated[list[float], Field(min_length=4, max_length=4)]
+Point = Annotated[list[float], Field(min_length=2, max_length=2)]
+
+
+def _parse_json_text(value: Any) -> Any:
+    """Query strings and form fields carry lists as JSON text: ``[[10, 20, 40, 60]]``."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(f"expected a JSON list, got {value!r}") from None
+    return value
+
+
+class LoopOptions(BaseModel):
+    """Settings of one request's loop; any left out take the server's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    done_threshold: float | None = Field(
+        None, gt=0, lt=1, description="stop when done exceeds it (default: the model's, 0.5)"
+    )
+    exemplars: list[Box] | None = Field(
+        None,
+        max_length=MAX_EXEMPLARS,
+        description="up to three [x1, y1, x2, y2] boxes (original pixels) around examples of"
+        " what to count; only for models trained with exemplars",
+    )
+    deadline_s: float | None = Field(
+        None, gt=0, description="give up (504) after this many seconds (default: the server's)"
+    )
+
+    _json_lists = field_validator("exemplars", mode="before")(_parse_json_text)
+
+
+class PredictOptions(LoopOptions):
+    """Options of ``/predict`` and ``/predict/stream``."""
+
+    max_objects: int | None = Field(
+        None, ge=1, description="stop after this many objects (default: the server's, 200)"
+    )
+
+
+class NextOptions(LoopOptions):
+    """Options of ``/next``: the objects already found (original pixels)."""
+
+    points: list[Point] = Field(
+        default_factory=list, description="objects already found, [[x, y], ...] original pixels"
+    )
+
+    _json_points = field_validator("points", mode="before")(_parse_json_text)
+
+
+class PredictJSON(PredictOptions):
+    """``application/json`` body of ``/predict`` (the image base64-encoded)."""
+
+    image: str = Field(description="the PNG/JPEG file, base64-encoded")
+
+
+class NextJSON(NextOptions):
+    """``application/json`` body of ``/next``."""
+
+    image: str = Field(description="the PNG/JPEG file, base64-encoded")
+
+
+class ModelRef(BaseModel):
+    """Which model answered."""
+
+    name: str
+    version: str
+    provider: str = Field(description="onnxruntime execution provider")
+
+
+class PredictResponse(BaseModel):
+    """The count of one image."""
+
+    count: int
+    points: list[list[float]] = Field(description="[[x, y], ...] in original image pixels")
+    done_probs: list[float] = Field(description="done probability at each step")
+    stopped_by: Literal["done", "max_objects", "deadline"]
+    model: ModelRef
+    timings_ms: dict[str, float]
+
+
+class NextResponse(BaseModel):
+    """One step: the next object after the given ones."""
+
+    x: float = Field(description="original image pixels")
+    y: float
+    done_prob: float = Field(description="probability that no object is left")
+    done: bool = Field(description="done_prob > done_threshold: (x, y) is then not an object")
+    index: int = Field(description="the number of points given, i.e. this object's index")
+    model: ModelRef
+    timings_ms: dict[str, float]
+
+
+class StreamPoint(BaseModel):
+    """One record of ``/predict/stream``: an object as the loop finds it."""
+
+    event: Literal["point"] = "point"
+    index: int
+    x: float
+    y: float
+    done_prob: float
+
+
+class StreamDone(BaseModel):
+    """The last record of ``/predict/stream``."""
+
+    event: Literal["done"] = "done"
+    count: int
+    done_prob: float | None
+    stopped_by: str
+    model: ModelRef
+    timings_ms: dict[str, float]
+
+
+class ErrorResponse(BaseModel):
+    """An error of the simple API."""
+
+    detail: str | list
+
+
+# --- KServe v2 / Open Inference Protocol ------------------------------------------------
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class InferInputTensor(BaseModel):
+    """An input tensor: ``data`` in JSON, or ``parameters.binary_data_size`` bytes after the
+    JSON header (Triton's binary tensor extension, what ``tritonclient`` sends by default)."""
+
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: Any = None
+
+
+class InferRequestedOutput(BaseModel):
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class InferRequest(BaseModel):
+    """``POST /v2/models/{name}/infer`` body; loop settings go in ``parameters``
+    (``max_objects``, ``done_threshold``, ``deadline_s``; Triton's ``timeout`` in µs)."""
+
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[InferInputTensor]
+    outputs: list[InferRequestedOutput] | None = None
+
+
+class InferOutputTensor(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    outputs: list[InferOutputTensor]
+
+
+class KServeError(BaseModel):
+    error: str

@@ -1,0 +1,289 @@
+"""The service behind the routes: model loading, admission, decoding, waiting for results.
+
+Routes of the simple API and of KServe v2 both go through :class:`Service`, so limits,
+errors and metrics are the same whichever protocol a client speaks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import numpy as np
+from fastapi import Request
+from PIL import Image, UnidentifiedImageError
+
+from seqops import imaging
+from seqops.predictor import (
+    Prediction,
+    Predictor,
+    PredictorError,
+    PreparedImage,
+    default_threads,
+)
+from seqops.serve.batcher import (
+    DeadlineError,
+    Job,
+    QueueFullError,
+    ShuttingDownError,
+    StepBatcher,
+)
+from seqops.serve.metrics import ServeMetrics
+from seqops.serve.schemas import LoopOptions
+from seqops.serve.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class ServeError(Exception):
+    """An error answer: HTTP status, a message that says what to change, extra headers."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+class Slot:
+    """A place in the queue, held from admission until the job is submitted."""
+
+    def __init__(self, batcher: StepBatcher) -> None:
+        self._batcher = batcher
+        self.submitted = False
+
+    def submit(self, job: Job) -> None:
+        """Hand the job to the batcher (the place becomes the job's)."""
+        self._batcher.submit(job)
+        self.submitted = True
+
+
+class Service:
+    """Owns the predictor, the batcher and the decode threads of one server process."""
+
+    def __init__(
+        self,
+        settings: ServeSettings,
+        metrics: ServeMetrics,
+        predictor: Predictor | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.predictor = predictor
+        self.batcher: StepBatcher | None = None
+        self.load_error: str | None = None
+        self.draining = False
+        self._decode_pool = ThreadPoolExecutor(
+            settings.decode_threads, thread_name_prefix="seqops-decode"
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """Loaded, warmed up, and not shutting down."""
+        return self.batcher is not None and not self.draining
+
+    async def start(self) -> None:
+        """Load + warm up the model (in a thread: liveness answers meanwhile), then serve."""
+        try:
+            if self.predictor is None:
+                self.predictor = await asyncio.to_thread(self._load)
+            info = self.predictor.info
+            self.metrics.set_model(
+                info.name, self.version, info.preset or "unknown", self.predictor.provider
+            )
+            s = self.settings
+            run_batch = s.run_batch or (64 if "CUDA" in self.predictor.provider else 4)
+            self.batcher = StepBatcher(
+                self.predictor, s.max_active, s.max_queue, self.metrics, run_batch
+            )
+            self.batcher.start()
+            log.info(
+                "ready: %s v%s on %s, batching %s (max_active=%d, run_batch=%d, max_queue=%d)",
+                info.name,
+                self.version,
+                self.predictor.provider,
+                "on" if s.batching else "off",
+                s.max_active,
+                self.batcher.run_batch,
+                s.max_queue,
+            )
+        except Exception as exc:
+            self.load_error = str(exc)  # PredictorError names the model and the reason
+            log.error("cannot serve: %s", self.load_error)
+
+    def _load(self) -> Predictor:
+        s = self.settings
+        kwargs: dict[str, Any] = {
+            "device": s.device,
+            "threads": s.threads or default_threads(s.workers),
+            "spin": s.spin,
+            "warmup": True,
+        }
+        if s.model_version is not None:  # the CLI resolved the URI already
+            return Predictor(s.model, version=s.model_version, **kwargs)
+        return Predictor.load(s.model, **kwargs)
+
+    async def stop(self) -> None:
+        """Stop being ready, let admitted requests finish, release the threads."""
+        self.draining = True
+        if self.batcher is not None:
+            await self.batcher.close()
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- identity ----------------------------------------------------------------------
+
+    @property
+    def version(self) -> str:
+        """The served model's version ("local" for an unversioned directory)."""
+        return (self.predictor.info.model_version if self.predictor else "") or "local"
+
+    def model_ref(self) -> dict[str, str]:
+        """``{"name", "version", "provider"}`` for every response."""
+        return {
+            "name": self.predictor.info.name,
+            "version": self.version,
+            "provider": self.predictor.provider,
+        }
+
+    # -- admission and decoding --------------------------------------------------------
+
+    def check_ready(self) -> None:
+        """503 while loading or after a failed load.
+
+        Not while draining: requests that reached the server before SIGTERM are in flight
+        and must complete; uvicorn already refuses new connections then.
+        """
+        if self.batcher is None:
+            why = self.load_error or "the model is still loading"
+            raise ServeError(503, f"not ready: {why}", {"Retry-After": "1"})
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[Slot]:
+        """Admission: a queue place or an immediate 429/503, released unless submitted."""
+        self.check_ready()
+        try:
+            self.batcher.admit()
+        except QueueFullError as exc:
+            status = self.settings.queue_full_status
+            raise ServeError(status, str(exc), {"Retry-After": str(exc.retry_after)}) from None
+        except ShuttingDownError as exc:
+            raise ServeError(503, str(exc), {"Retry-After": "1"}) from None
+        slot = Slot(self.batcher)
+        try:
+            yield slot
+        finally:
+            if not slot.submitted:
+                self.batcher.release()
+
+    async def in_pool(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run decoding/parsing off the event loop; map input errors to 4xx."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._decode_pool, fn, *args)
+        except imaging.ImageError as exc:
+            raise ServeError(400, f"image: {exc}") from None
+        except PredictorError as exc:
+            raise ServeError(422, str(exc)) from None
+
+    def prepare_image(
+        self, source: bytes | np.ndarray, exemplars: Sequence | None
+    ) -> PreparedImage:
+        """Encoded bytes or a uint8 ``[H, W, 3]`` array -> network inputs (pool thread)."""
+        if isinstance(source, np.ndarray):
+            image = self._image_from_array(source)
+        else:
+            image = self._decode(source)
+        return self.predictor.prepare(image, exemplars)
+
+    def _decode(self, data: bytes) -> Image.Image:
+        if not data:
+            raise ServeError(400, "image: the body is empty")
+        try:  # the header alone: refuse huge images before decoding any pixel
+            with Image.open(io.BytesIO(data)) as probe:
+                width, height = probe.size
+        except Image.DecompressionBombError as exc:
+            raise ServeError(413, f"image: {exc}") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise ServeError(400, f"image: not a decodable PNG/JPEG ({exc})") from None
+        self._check_pixels(width, height)
+        return imaging.load_image(data, max_pixels=self.settings.max_pixels)
+
+    def _image_from_array(self, array: np.ndarray) -> Image.Image:
+        if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+            raise ServeError(
+                400, f"image: expected uint8 [H, W, 3], got {array.dtype} {list(array.shape)}"
+            )
+        height, width = array.shape[:2]
+        if width < 1 or height < 1:
+            raise ServeError(400, f"image: empty ({width}x{height})")
+        self._check_pixels(width, height)
+        return Image.fromarray(np.ascontiguousarray(array), "RGB")
+
+    def _check_pixels(self, width: int, height: int) -> None:
+        limit = self.settings.max_pixels
+        if width * height > limit:
+            raise ServeError(
+                413, f"image: {width}x{height} = {width * height} pixels exceeds the limit {limit}"
+            )
+
+    # -- jobs --------------------------------------------------------------------------
+
+    def loop_settings(
+        self, options: LoopOptions, max_objects: int | None
+    ) -> tuple[float, int, float]:
+        """``(done_threshold, max_objects, deadline)`` with the server's defaults and limits."""
+        s = self.settings
+        max_objects = s.max_objects if max_objects is None else max_objects
+        if max_objects > s.max_objects_limit:
+            raise ServeError(
+                422, f"max_objects: at most {s.max_objects_limit} here, got {max_objects}"
+            )
+        deadline_s = s.deadline_s if options.deadline_s is None else options.deadline_s
+        if deadline_s > s.max_deadline_s:
+            raise ServeError(422, f"deadline_s: at most {s.max_deadline_s} here, got {deadline_s}")
+        threshold = options.done_threshold
+        if threshold is None:
+            threshold = self.predictor.info.done_threshold
+        return threshold, max_objects, time.monotonic() + deadline_s
+
+    async def wait(self, job: Job) -> Prediction:
+        """The job's prediction, or the error answer its failure means."""
+        try:
+            return await job.future
+        except Exception as exc:
+            raise as_serve_error(exc) from None
+
+
+def as_serve_error(exc: BaseException) -> ServeError:
+    """The answer a failed job gives (the batcher has logged unexpected failures)."""
+    if isinstance(exc, ServeError):
+        return exc
+    if isinstance(exc, DeadlineError):
+        return ServeError(504, f"deadline: {exc}")
+    if isinstance(exc, ShuttingDownError):
+        return ServeError(503, str(exc), {"Retry-After": "1"})
+    return ServeError(500, f"inference failed: {exc}")
+
+
+def require_api_key(request: Request) -> None:
+    """Bearer token check, active when the API key environment variable is set."""
+    expected = request.app.state.service.settings.api_key()
+    if expected is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), expected.encode()):
+        raise ServeError(
+            401,
+            "missing or wrong API key (Authorization: Bearer <key>)",
+            {"WWW-Authenticate": "Bearer"},
+        )

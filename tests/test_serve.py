@@ -1,0 +1,386 @@
+"""The HTTP service in-process: every endpoint and error path, against a real exported model.
+
+The model is a random-init tiny network whose done head never fires, so ``max_objects``
+sets the count exactly and a tiny ``done_threshold`` makes it stop at once (see
+``serve_fixtures``). Answers are compared with the library's own ``Predictor.predict``: the
+server must return what the predictor computes, through every input format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from serve_fixtures import (
+    DONE_AT_ONCE_THRESHOLD,
+    PNG,
+    PNG_HEADERS,
+    expected,
+    make_client,
+    make_png,
+    session_model,
+)
+
+from seqops.predictor import Predictor
+from seqops.serve import ServeSettings, create_app
+from seqops.serve.batcher import DeadlineError, Job, QueueFullError, StepBatcher
+from seqops.serve.metrics import ServeMetrics
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return session_model(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def predictor(model_dir):
+    return Predictor.load(model_dir, device="cpu", threads=1)
+
+
+@pytest.fixture
+def client(predictor):
+    with make_client(predictor) as c:
+        yield c
+
+
+# --- /predict ---------------------------------------------------------------------------------
+
+
+def test_predict_raw_multipart_and_json_give_the_predictors_answer(client, predictor):
+    want = expected(predictor)
+    raw = client.post("/predict", content=PNG, headers=PNG_HEADERS)
+    multipart = client.post("/predict", files={"file": ("a.png", PNG, "image/png")})
+    as_json = client.post("/predict", json={"image": base64.b64encode(PNG).decode()})
+    for response in (raw, multipart, as_json):
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["count"] == want.count == 5
+        assert body["stopped_by"] == "max_objects"
+        assert np.allclose(body["points"], want.points, atol=0.02)
+        assert body["done_probs"] == pytest.approx(want.done_probs, abs=1e-4)
+        assert body["model"] == {
+            "name": "seqops",
+            "version": "test-1",
+            "provider": "CPUExecutionProvider",
+        }
+        assert {"prepare", "queue", "encode", "steps", "total"} <= set(body["timings_ms"])
+    # Points are in the original 96x64 image's pixels, not the model's 64x64.
+    points = np.asarray(raw.json()["points"])
+    assert (points[:, 0] <= 96).all() and (points[:, 1] <= 64).all()
+    assert np.allclose(points, np.asarray(want.points_model) * [96 / 64, 1.0], atol=0.05)
+
+
+def test_predict_options_from_query_form_and_json(client):
+    query = client.post("/predict?max_objects=2", content=PNG, headers=PNG_HEADERS)
+    form = client.post(
+        "/predict", files={"file": ("a.png", PNG, "image/png")}, data={"max_objects": "3"}
+    )
+    body = {"image": base64.b64encode(PNG).decode(), "max_objects": 4}
+    as_json = client.post("/predict", json=body)
+    assert [r.json()["count"] for r in (query, form, as_json)] == [2, 3, 4]
+
+
+def test_predict_stops_on_done(client):
+    response = client.post(
+        f"/predict?done_threshold={DONE_AT_ONCE_THRESHOLD}", content=PNG, headers=PNG_HEADERS
+    )
+    body = response.json()
+    assert (body["count"], body["points"], body["stopped_by"]) == (0, [], "done")
+    assert len(body["done_probs"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "needle"),
+    [
+        ({"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "text/plain"),
+        ({"content": b"not an image", "headers": PNG_HEADERS}, 400, "decodable"),
+        ({"content": b"", "headers": PNG_HEADERS}, 400, "empty"),
+        ({"json": {"image": "***"}}, 400, "base64"),
+        ({"content": b"{", "headers": {"content-type": "application/json"}}, 400, "JSON"),
+        ({"json": {"image": "", "max_objectz": 2}}, 422, "max_objectz"),
+        ({"json": {"max_objects": 2}}, 422, "image"),
+        ({"files": {"other": ("a.png", PNG, "image/png")}}, 422, "file"),
+    ],
+)
+def test_predict_rejects_bad_content(client, kwargs, status, needle):
+    response = client.post("/predict", **kwargs)
+    assert response.status_code == status, response.text
+    assert needle in json.dumps(response.json()["detail"])
+
+
+@pytest.mark.parametrize(
+    ("query", "needle"),
+    [
+        ("max_objects=0", "max_objects"),
+        ("max_objects=5000", "at most 1000"),
+        ("done_threshold=1.5", "done_threshold"),
+        ("deadline_s=9999", "deadline_s"),
+        ("exemplars=[[1,2,3]]", "exemplars"),
+        ("exemplars=[[1,2,30,40]]", "without exemplars"),  # this model takes none
+    ],
+)
+def test_predict_rejects_bad_parameters_with_422(client, query, needle):
+    response = client.post(f"/predict?{query}", content=PNG, headers=PNG_HEADERS)
+    assert response.status_code == 422, response.text
+    assert needle in json.dumps(response.json()["detail"])
+
+
+def test_limits_body_size_and_pixel_count(predictor):
+    with make_client(predictor, max_body_bytes=4096, max_pixels=5000) as c:
+        big = make_png(200, 200)  # ~120 kB of noise, 40 000 pixels
+        by_length = c.post("/predict", content=big, headers=PNG_HEADERS)
+        assert by_length.status_code == 413 and "limit" in by_length.json()["detail"]
+
+        def chunks():  # no Content-Length: the limit holds while streaming
+            for i in range(0, len(big), 1000):
+                yield big[i : i + 1000]
+
+        chunked = c.post("/predict", content=chunks(), headers=PNG_HEADERS)
+        assert chunked.status_code == 413
+        pixels = c.post("/predict", content=_flat_png(100, 80), headers=PNG_HEADERS)
+        assert pixels.status_code == 413 and "8000 pixels exceeds" in pixels.json()["detail"]
+        kserve = c.post("/v2/models/seqops/infer", content=big)
+        assert kserve.status_code == 413 and "error" in kserve.json()
+
+
+def _flat_png(width: int, height: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (10, 20, 30)).save(buf, "PNG")
+    return buf.getvalue()  # compresses to a few hundred bytes
+
+
+# --- /predict/stream and /next ----------------------------------------------------------------
+
+
+def test_stream_sends_points_then_the_final_record(client):
+    plain = client.post("/predict?max_objects=4", content=PNG, headers=PNG_HEADERS).json()
+    response = client.post("/predict/stream?max_objects=4", content=PNG, headers=PNG_HEADERS)
+    assert response.headers["content-type"].startswith("application/x-ndjson")
+    records = [json.loads(line) for line in response.text.splitlines()]
+    assert [r["event"] for r in records] == ["point"] * 4 + ["done"]
+    assert np.allclose([[r["x"], r["y"]] for r in records[:4]], plain["points"], atol=0.02)
+    assert [r["index"] for r in records[:4]] == [0, 1, 2, 3]
+    assert records[-1]["count"] == 4 and records[-1]["model"]["version"] == "test-1"
+
+    sse = client.post(
+        "/predict/stream?max_objects=2",
+        content=PNG,
+        headers={**PNG_HEADERS, "accept": "text/event-stream"},
+    )
+    assert sse.headers["content-type"].startswith("text/event-stream")
+    events = [block for block in sse.text.split("\n\n") if block]
+    assert [e.splitlines()[0] for e in events] == ["event: point"] * 2 + ["event: done"]
+    assert json.loads(events[-1].splitlines()[1].removeprefix("data: "))["count"] == 2
+
+
+def test_stream_reports_a_deadline_as_an_error_record(client):
+    response = client.post(
+        "/predict/stream?max_objects=1000&deadline_s=0.000001", content=PNG, headers=PNG_HEADERS
+    )
+    if response.status_code == 200:  # admitted before the deadline passed: error record
+        last = json.loads(response.text.splitlines()[-1])
+        assert (last["event"], last["status"]) == ("error", 504)
+    else:
+        assert response.status_code == 504
+
+
+def test_next_continues_from_given_points(client):
+    full = client.post("/predict?max_objects=4", content=PNG, headers=PNG_HEADERS).json()
+    given = full["points"][:2]
+    body = {"image": base64.b64encode(PNG).decode(), "points": given}
+    step = client.post("/next", json=body).json()
+    assert step["index"] == 2 and step["done"] is False
+    assert np.allclose([step["x"], step["y"]], full["points"][2], atol=0.5)
+    assert step["done_prob"] == pytest.approx(full["done_probs"][2], abs=1e-4)
+    # The same through multipart, and with nothing given: the first point.
+    first = client.post("/next", files={"file": ("a.png", PNG, "image/png")}).json()
+    assert np.allclose([first["x"], first["y"]], full["points"][0], atol=0.05)
+    done = client.post(f"/next?done_threshold={DONE_AT_ONCE_THRESHOLD}", json=body).json()
+    assert done["done"] is True
+
+
+def test_next_rejects_points_outside_the_image(client):
+    body = {"image": base64.b64encode(PNG).decode(), "points": [[10, 10], [500, 10]]}
+    response = client.post("/next", json=body)
+    assert response.status_code == 422 and "outside the 96x64" in response.json()["detail"]
+    bad = client.post("/next", json={**body, "points": [[1, 2, 3]]})
+    assert bad.status_code == 422
+
+
+# --- health, readiness, auth, metrics, docs -----------------------------------------------
+
+
+def test_liveness_at_once_readiness_after_loading(model_dir, tmp_path):
+    app = create_app(ServeSettings(model=str(model_dir), threads=1))
+    with TestClient(app) as c:
+        assert c.get("/healthz").json() == {"live": True}
+        for _ in range(200):  # the model loads in the background
+            if c.get("/readyz").status_code == 200:
+                break
+            time.sleep(0.05)
+        assert c.get("/readyz").json()["model"]["version"] == "test-1"
+        assert c.get("/v2/health/ready").status_code == 200
+        app.state.service.draining = True  # what SIGTERM does first
+        assert c.get("/readyz").json() == {"ready": False, "reason": "shutting down"}
+        assert c.get("/v2/health/ready").status_code == 503
+        # A request already on its way is still served (uvicorn refuses new connections).
+        assert c.post("/predict", content=PNG, headers=PNG_HEADERS).status_code == 200
+    broken = create_app(ServeSettings(model=str(tmp_path)))  # no model there
+    with TestClient(broken) as c:
+        for _ in range(100):
+            if c.get("/healthz").status_code == 503:
+                break
+            time.sleep(0.05)
+        assert "encoder.onnx" in c.get("/healthz").json()["error"]
+        assert c.get("/readyz").status_code == 503
+        response = c.post("/predict", content=PNG, headers=PNG_HEADERS)
+        assert response.status_code == 503 and "not ready" in response.json()["detail"]
+
+
+def test_api_key_guards_everything_but_health_and_metrics(predictor, monkeypatch):
+    monkeypatch.setenv("SEQOPS_TEST_KEY", "s3cret")
+    with make_client(predictor, api_key_env="SEQOPS_TEST_KEY") as c:
+        missing = c.post("/predict", content=PNG, headers=PNG_HEADERS)
+        assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+        wrong = {**PNG_HEADERS, "authorization": "Bearer nope"}
+        assert c.post("/predict", content=PNG, headers=wrong).status_code == 401
+        right = {**PNG_HEADERS, "authorization": "Bearer s3cret"}
+        assert c.post("/predict", content=PNG, headers=right).status_code == 200
+        kserve = c.post("/v2/models/seqops/infer", json={"inputs": []})
+        assert kserve.status_code == 401 and "API key" in kserve.json()["error"]
+        for open_path in ("/healthz", "/readyz", "/metrics", "/v2/health/ready", "/docs"):
+            assert c.get(open_path).status_code == 200, open_path
+
+
+def test_metrics_count_requests_steps_and_batches(client):
+    for _ in range(2):
+        client.post("/predict?max_objects=3", content=PNG, headers=PNG_HEADERS)
+    client.post("/predict", content=b"x", headers={"content-type": "text/plain"})
+    text = client.get("/metrics").text
+    assert 'seqops_requests_total{endpoint="predict",reason="ok"} 2.0' in text
+    assert 'seqops_requests_total{endpoint="predict",reason="unsupported_media_type"} 1.0' in text
+    assert 'seqops_request_duration_seconds_count{endpoint="predict"} 3.0' in text
+    assert "seqops_steps_per_request_sum 6.0" in text  # 3 steps each
+    assert "seqops_step_seconds_count 6.0" in text
+    assert "seqops_batch_size_bucket" in text and "seqops_queue_seconds_bucket" in text
+    assert "seqops_inflight_requests 0.0" in text
+    assert 'provider="CPUExecutionProvider"' in text and 'version="test-1"' in text
+
+
+def test_openapi_documents_every_endpoint(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in ("/predict", "/predict/stream", "/next", "/v2/models/{model_name}/infer"):
+        assert path in paths
+    assert "multipart/form-data" in paths["/predict"]["post"]["requestBody"]["content"]
+    assert client.get("/docs").status_code == 200
+
+
+# --- the queue, deadlines, step batching ---------------------------------------------------
+
+
+def test_full_queue_answers_429_with_retry_after(predictor):
+    with make_client(predictor, max_queue=1, max_active=1) as c:
+        c.app.state.service.batcher.admit()  # another request holds the only place
+        response = c.post("/predict", content=PNG, headers=PNG_HEADERS)
+        assert response.status_code == 429 and int(response.headers["retry-after"]) >= 1
+        assert "queue is full" in response.json()["detail"]
+        c.app.state.service.batcher.release()
+        assert c.post("/predict", content=PNG, headers=PNG_HEADERS).status_code == 200
+    with make_client(predictor, max_queue=1, queue_full_status=503) as c:
+        c.app.state.service.batcher.admit()
+        assert c.post("/predict", content=PNG, headers=PNG_HEADERS).status_code == 503
+        c.app.state.service.batcher.release()  # else shutdown waits for that request
+
+
+def test_deadline_answers_504(client):
+    response = client.post(
+        "/predict?max_objects=1000&deadline_s=0.000001", content=PNG, headers=PNG_HEADERS
+    )
+    assert response.status_code == 504 and "deadline" in response.json()["detail"]
+
+
+def run_batcher(predictor, jobs_spec, max_active=16, run_batch=16):
+    """Submit jobs concurrently to a fresh batcher; returns results and the metrics."""
+
+    async def main():
+        metrics = ServeMetrics()
+        batcher = StepBatcher(predictor, max_active, 64, metrics, run_batch)
+        batcher.start()
+        futures = []
+        for png, max_objects, deadline_s in jobs_spec:
+            batcher.admit()
+            image = predictor.prepare(png)
+            job = Job(image, 0.5, max_objects, time.monotonic() + deadline_s)
+            futures.append(batcher.submit(job))
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        await batcher.close()
+        return results, metrics
+
+    return asyncio.run(main())
+
+
+def test_step_batching_matches_one_by_one_and_lets_images_leave_early(predictor):
+    pngs = [make_png(96, 64, seed=s) for s in range(4)]
+    counts = [1, 7, 3, 12]
+    results, metrics = run_batcher(
+        predictor, [(p, n, 30.0) for p, n in zip(pngs, counts, strict=True)]
+    )
+    for png, n, got in zip(pngs, counts, results, strict=True):
+        want = expected(predictor, png, max_objects=n)
+        assert got.count == n and np.allclose(got.points, want.points, atol=0.02)
+    # 12 steps in all (the longest request), not 1 + 7 + 3 + 12: images shared step runs.
+    registry = metrics.registry
+    assert registry.get_sample_value("seqops_step_seconds_count") == 12
+    assert registry.get_sample_value("seqops_batch_size_sum") == sum(counts)
+    assert registry.get_sample_value("seqops_encode_seconds_count") == 1  # one batched encode
+
+
+def test_runs_of_run_batch_images_give_the_same_answers(predictor):
+    """Runs of 2: 4 newcomers are encoded over two turns, the active set stepped in pairs."""
+    pngs = [make_png(96, 64, seed=s) for s in range(4)]
+    results, metrics = run_batcher(predictor, [(p, 4, 30.0) for p in pngs], run_batch=2)
+    for png, got in zip(pngs, results, strict=True):
+        assert np.allclose(got.points, expected(predictor, png, max_objects=4).points, atol=0.02)
+    registry = metrics.registry
+    assert registry.get_sample_value("seqops_encode_seconds_count") == 2
+    assert registry.get_sample_value("seqops_step_seconds_count") == 5  # the pairs overlap
+
+
+def test_batching_off_runs_one_request_at_a_time(predictor):
+    results, metrics = run_batcher(predictor, [(PNG, 3, 30.0)] * 3, max_active=1)
+    assert [r.count for r in results] == [3, 3, 3]
+    assert metrics.registry.get_sample_value("seqops_batch_size_sum") == 9
+    assert metrics.registry.get_sample_value("seqops_step_seconds_count") == 9
+
+
+def test_deadline_stops_the_loop_between_steps(predictor):
+    results, _ = run_batcher(predictor, [(PNG, 100_000, 0.05), (PNG, 2, 30.0)])
+    assert isinstance(results[0], DeadlineError)
+    found = int(str(results[0]).split("after ")[1].split()[0])
+    assert 0 < found < 100_000  # stopped mid-loop, not before the first step
+    assert results[1].count == 2  # its neighbour in the batch was not disturbed
+
+
+def test_admission_is_bounded():
+    metrics = ServeMetrics()
+
+    async def main():
+        batcher = StepBatcher(predictor=None, max_active=1, max_queue=2, metrics=metrics)
+        batcher.admit()
+        batcher.admit()
+        with pytest.raises(QueueFullError) as info:
+            batcher.admit()
+        batcher.release()
+        batcher.admit()
+        return info.value.retry_after
+
+    assert asyncio.run(main()) >= 1

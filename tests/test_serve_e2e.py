@@ -1,0 +1,201 @@
+"""The real server: `seqops serve` as a process on a free loopback port.
+
+Plain HTTP clients and ``tritonclient.http`` (the KServe v2 client) call it; SIGTERM during
+requests must lose none of them, and the process must exit 0.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from serve_fixtures import make_png, png_pixels, session_model
+from tritonclient.utils import InferenceServerException
+
+pytestmark = pytest.mark.e2e
+
+PNG = make_png(96, 64)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def seqops_command() -> list[str]:
+    script = Path(sys.executable).with_name("seqops")  # the installed console script
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "seqops.cli"]
+
+
+class Server:
+    """A `seqops serve` process; its output goes to a log file for failure messages."""
+
+    def __init__(self, model_dir: Path, log_path: Path, *args: str) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        env = {k: v for k, v in os.environ.items() if k != "SEQOPS_API_KEY"}
+        command = [*seqops_command(), "serve", "--model", str(model_dir), "--port",
+                   str(self.port), "--device", "cpu", "--no-access-log", *args]  # fmt: skip
+        self.log = log_path.open("wb")
+        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        stop_at = time.monotonic() + timeout
+        while time.monotonic() < stop_at:
+            if self.proc.poll() is not None:
+                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        pytest.fail(f"server not ready after {timeout} s:\n{self.output()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return session_model(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    srv = Server(model_dir, tmp_path_factory.mktemp("serve_e2e") / "server.log")
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_plain_http_endpoints(server):
+    response = httpx.post(
+        f"{server.base}/predict?max_objects=3",
+        content=PNG,
+        headers={"content-type": "image/png"},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["count"] == 3 and body["model"]["version"] == "test-1"
+    with httpx.stream(
+        "POST",
+        f"{server.base}/predict/stream?max_objects=3",
+        content=PNG,
+        headers={"content-type": "image/png"},
+        timeout=30,
+    ) as stream:
+        records = [json.loads(line) for line in stream.iter_lines() if line]
+    assert [r["event"] for r in records] == ["point"] * 3 + ["done"]
+    assert np.allclose([[r["x"], r["y"]] for r in records[:3]], body["points"], atol=0.02)
+    assert httpx.get(f"{server.base}/openapi.json").json()["info"]["title"] == "seqops"
+
+
+def test_kserve_with_tritonclient(server):
+    client = triton.InferenceServerClient(f"127.0.0.1:{server.port}")
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("seqops")
+    assert client.get_model_metadata("seqops")["versions"] == ["test-1"]
+
+    pixels = png_pixels(PNG)
+    as_pixels = triton.InferInput("image", list(pixels.shape), "UINT8")
+    as_pixels.set_data_from_numpy(pixels)  # binary tensor data, tritonclient's default
+    result = client.infer("seqops", [as_pixels], request_id="e2e-1", parameters={"max_objects": 3})
+    assert result.get_response()["id"] == "e2e-1"
+    assert result.as_numpy("count").tolist() == [3]
+    points = result.as_numpy("points")
+    assert points.shape == (3, 2) and points.dtype == np.float32
+
+    encoded = triton.InferInput("image", [1], "BYTES")  # base64 text in the JSON body
+    encoded.set_data_from_numpy(np.array([base64.b64encode(PNG)], dtype=object), False)
+    wanted = [triton.InferRequestedOutput("points", binary_data=False)]
+    result = client.infer("seqops", [encoded], outputs=wanted, parameters={"max_objects": 3})
+    assert np.allclose(result.as_numpy("points"), points, atol=0.02)
+
+    with pytest.raises(InferenceServerException, match="not found"):
+        client.infer("other", [as_pixels])
+    metrics = httpx.get(f"{server.base}/metrics").text
+    assert 'seqops_requests_total{endpoint="kserve_infer",reason="ok"} 2.0' in metrics
+    assert 'seqops_requests_total{endpoint="kserve_infer",reason="not_found"} 1.0' in metrics
+
+
+def test_sigterm_finishes_in_flight_requests(model_dir, tmp_path):
+    srv = Server(model_dir, tmp_path / "server.log", "--max-objects-limit", "100000")
+    try:
+        srv.wait_ready()
+
+        def count(i: int) -> tuple[int, int]:
+            response = httpx.post(
+                f"{srv.base}/predict?max_objects=3000",
+                content=make_png(96, 64, seed=i),
+                headers={"content-type": "image/png"},
+                timeout=60,
+            )
+            return response.status_code, response.json().get("count", -1)
+
+        with ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(count, i) for i in range(6)]
+            stop_at = time.monotonic() + 20
+            while time.monotonic() < stop_at:  # all six admitted and being stepped
+                text = httpx.get(f"{srv.base}/metrics").text
+                if "seqops_inflight_requests 6.0" in text:
+                    break
+                time.sleep(0.02)
+            assert not any(f.done() for f in futures), "requests finished before SIGTERM"
+            srv.proc.send_signal(signal.SIGTERM)
+            results = [f.result() for f in futures]
+        assert results == [(200, 3000)] * 6
+        assert srv.proc.wait(timeout=30) == 0, srv.output()
+        assert "finishing in-flight requests" in srv.output()
+        with pytest.raises(httpx.TransportError):  # no longer listening
+            httpx.get(f"{srv.base}/healthz", timeout=2)
+    finally:
+        srv.stop()
+
+
+def test_workers_share_the_port_and_the_metrics(model_dir, tmp_path):
+    srv = Server(model_dir, tmp_path / "server.log", "--workers", "2")
+    try:
+        srv.wait_ready()
+        for _ in range(4):
+            response = httpx.post(
+                f"{srv.base}/predict?max_objects=2",
+                content=PNG,
+                headers={"content-type": "image/png"},
+                timeout=30,
+            )
+            assert response.status_code == 200
+        # Any worker answers the scrape with the sum over both.
+        metrics = httpx.get(f"{srv.base}/metrics").text
+        assert 'seqops_requests_total{endpoint="predict",reason="ok"} 4.0' in metrics
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(timeout=30) == 0, srv.output()
+    finally:
+        srv.stop()
