@@ -1,0 +1,1 @@
+"""Prefect flows of the seqops pipeline (a package: ``python -m flows.pipeline``)."""
