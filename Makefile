@@ -8,7 +8,7 @@ EXTRAS := pipeline,train,serve,dev
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint format test-fast clean
+.PHONY: help install demo test lint format test-fast clean images image-train test-containers
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -37,6 +37,15 @@ test: lint ## Set up, lint, and run every test
 
 test-fast: $(STAMP) ## Tests not marked slow or e2e
 	$(BIN)/pytest -m "not slow and not e2e"
+
+images: ## Build the serve image with buildah (installs the tools, makes a local base; root)
+	scripts/container-tools.sh serve
+
+image-train: ## Build the train image (large: torch and the pipeline)
+	scripts/container-tools.sh train
+
+test-containers: $(STAMP) ## Build the serve image and check the container answers /predict (root)
+	$(BIN)/pytest -m containers tests/test_containers.py
 
 clean: ## Remove caches and local run outputs (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache outputs
