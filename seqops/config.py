@@ -84,6 +84,7 @@ class ModelConfig(_Section):
     exemplars: bool = False  # trained with exemplar boxes (count the exemplified kind)
     head: Literal["heatmap", "pooled"] = "heatmap"  # pooled: the research's (x, y) MLP head
     stride: int = Field(0, ge=0)  # feature-grid cell in px (4, 8, 16); 0: the preset's
+    peak_window: int = Field(-1, ge=-1)  # soft-argmax window half-width, cells; -1: preset's
 
 
 class LossConfig(_Section):

@@ -54,9 +54,10 @@ def test_encode_and_step_shapes(preset: str, size: int) -> None:
     assert out.xy.shape == (2, 2) and out.done_logit.shape == (2,)
     assert out.heat_logits.shape == (2, spec.grid, spec.grid)
     assert out.xy.abs().max() <= 1.0
-    # Initialisation: done is unlikely and the heat map near uniform (xy near the centre).
+    # Initialisation: done is unlikely and the heat map near uniform.
     assert torch.sigmoid(out.done_logit).max() < 0.3
-    assert out.xy.abs().max() < 0.05
+    probs = torch.softmax(out.heat_logits.flatten(1), dim=1)
+    assert probs.max() < 1.5 / spec.grid**2
     # forward == encode + step (the whole-network-per-object baseline).
     with torch.no_grad():
         assert torch.allclose(model(images, marks).xy, out.xy, atol=1e-6)
@@ -120,12 +121,28 @@ def test_soft_argmax_is_sub_cell_precise() -> None:
     )
 
 
+def test_windowed_soft_argmax_answers_at_one_peak_not_between() -> None:
+    grid = 48
+    coords = make_coord_grid(grid)
+    cell = 2.0 / grid
+    near, far = torch.tensor([-0.5012, 0.2031]), torch.tensor([0.4377, -0.3])  # two objects
+    logits = torch.full((1, grid, grid), -30.0)
+    for centre, height in ((near, 0.0), (far, -0.5)):  # `near` more probable
+        d2 = (coords[0] - centre[0]) ** 2 + (coords[1] - centre[1]) ** 2
+        logits[0] = torch.maximum(logits[0], height - d2 / (2 * cell**2))
+    between = soft_argmax(logits, coords)[0]
+    assert (between - near).abs().sum() > 0.3  # the global mean lands between the objects
+    local = soft_argmax(logits, coords, window=2)[0]
+    torch.testing.assert_close(local, near, atol=0.05 * cell, rtol=0)  # at one peak, sub-cell
+
+
 def test_heatmap_head_returns_the_soft_argmax_of_its_heat_map() -> None:
     model = _build("tiny", 64)
     torch.nn.init.normal_(model.stepper.heat.weight, std=1.0)
     with torch.no_grad():
         out = model(torch.randn(3, 3, 64, 64), torch.zeros(3, 1, 8, 8))
-    expected = soft_argmax(out.heat_logits, make_coord_grid(8))
+    assert model.spec.peak_window == 2  # the presets' window
+    expected = soft_argmax(out.heat_logits, make_coord_grid(8), window=2)
     torch.testing.assert_close(out.xy, expected)
     assert out.xy.abs().max() > 0.01  # not trivially the centre
 
@@ -175,8 +192,10 @@ def test_spec_from_params() -> None:
     assert (spec.preset, spec.image_size, spec.exemplars) == ("base", 256, True)
     assert spec.head == "heatmap"
     assert spec.stride == PRESETS["base"]["stride"] and spec.grid == 256 // spec.stride
-    params = Params.model_validate({"model": {"head": "pooled", "stride": 16}})
-    assert (spec_from_params(params).head, spec_from_params(params).stride) == ("pooled", 16)
+    assert spec.peak_window == PRESETS["base"]["peak_window"]
+    params = Params.model_validate({"model": {"head": "pooled", "stride": 16, "peak_window": 0}})
+    spec = spec_from_params(params)
+    assert (spec.head, spec.stride, spec.peak_window) == ("pooled", 16, 0)
 
 
 class _Encode(torch.nn.Module):
