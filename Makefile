@@ -7,8 +7,17 @@ EXTRAS := pipeline,train,serve,dev
 # Stage commands in dvc.yaml call `seqops`; put the venv first so `dvc repro` finds it.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
+# Prefect: the demo's ephemeral runs and a local server share one database in the project.
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+PREFECT_PORT ?= 4200
+PREFECT_API  ?= $(or $(PREFECT_API_URL),http://127.0.0.1:$(PREFECT_PORT)/api)
+PREFECT_POOL ?= seqops-process
+OVERRIDES    ?= {"train.epochs": 3}
+SET          ?=
+
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint format test-fast clean images image-train test-containers
+.PHONY: help install demo test lint format test-fast clean images image-train test-containers \
+	flow prefect-server prefect-worker deploy run-deployment mlflow-ui
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -20,9 +29,8 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 
 install: $(STAMP) ## Create .venv and install the pinned environment (requirements/constraints.txt)
 
-demo: $(STAMP) ## Run the pipeline end to end on the embedded defaults
-	$(BIN)/dvc repro prepare
-	$(BIN)/seqops data stats data/prepared
+demo: $(STAMP) ## The pipeline flow end to end on the embedded defaults, then a served prediction
+	$(BIN)/python scripts/demo.py
 
 lint: $(STAMP) ## ruff lint and format check
 	$(BIN)/ruff check .
@@ -37,6 +45,27 @@ test: lint ## Set up, lint, and run every test
 
 test-fast: $(STAMP) ## Tests not marked slow or e2e
 	$(BIN)/pytest -m "not slow and not e2e"
+
+flow: $(STAMP) ## Run the pipeline flow here (SET="train.epochs=3 prepare.num_train=200")
+	$(BIN)/python -m flows.pipeline $(foreach s,$(SET),--set $(s))
+
+prefect-server: $(STAMP) ## Local Prefect server and UI on http://127.0.0.1:4200 (foreground)
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+prefect-worker: $(STAMP) ## A process worker for seqops-pipeline/local (foreground)
+	PREFECT_API_URL=$(PREFECT_API) $(BIN)/prefect work-pool create $(PREFECT_POOL) --type process --overwrite
+	PREFECT_API_URL=$(PREFECT_API) $(BIN)/prefect worker start --pool $(PREFECT_POOL)
+
+deploy: $(STAMP) ## Create the work pool and the seqops-pipeline/local deployment (prefect.yaml)
+	PREFECT_API_URL=$(PREFECT_API) $(BIN)/prefect work-pool create $(PREFECT_POOL) --type process --overwrite
+	PREFECT_API_URL=$(PREFECT_API) $(BIN)/prefect --no-prompt deploy --name local
+
+run-deployment: $(STAMP) ## Trigger seqops-pipeline/local and wait (OVERRIDES='{"train.epochs": 3}')
+	PREFECT_API_URL=$(PREFECT_API) $(BIN)/prefect deployment run 'seqops-pipeline/local' \
+		--param overrides='$(OVERRIDES)' --watch
+
+mlflow-ui: $(STAMP) ## MLflow UI on the embedded store, http://127.0.0.1:5000
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts
 
 images: ## Build the serve image with buildah (installs the tools, makes a local base; root)
 	scripts/container-tools.sh serve
