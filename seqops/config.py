@@ -85,6 +85,9 @@ class ModelConfig(_Section):
     head: Literal["heatmap", "pooled"] = "heatmap"  # pooled: the research's (x, y) MLP head
     stride: int = Field(0, ge=0)  # feature-grid cell in px (4, 8, 16); 0: the preset's
     peak_window: int = Field(-1, ge=-1)  # soft-argmax window half-width, cells; -1: preset's
+    # How the step finds the next object in the order (seqops.model.ORDER_PRIORS); "scan"
+    # needs a positional prepare.order (not nearest_neighbor).
+    order_prior: Literal["none", "scan"] = "none"
 
 
 class LossConfig(_Section):

@@ -10,13 +10,16 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from seqops.config import Params
+from seqops.data.ordering import order_indices
 from seqops.imaging import grid_centres, render_exemplar_mask, render_marks
 from seqops.model import (
+    ORDER_PRIORS,
     PRESETS,
     ModelSpec,
     SeqCounter,
     StepOutput,
     make_coord_grid,
+    make_rank_map,
     soft_argmax,
     spec_from_params,
 )
@@ -93,8 +96,9 @@ def test_bad_shapes_name_the_input() -> None:
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_step_costs_at_most_a_tenth_of_an_encoding(preset: str) -> None:
-    """Counted FLOPs (robust under CPU load, unlike timing) at the real input size 384."""
-    model = _build(preset, 384)
+    """Counted FLOPs (robust under CPU load, unlike timing) at the real input size 384,
+    with the scan over the order (the trained default; it adds ~0.03% of an encoding)."""
+    model = _build(preset, 384, order_prior="scan")
     g = model.spec.grid
     images = torch.randn(1, 3, 384, 384)
     features = model.encode(images).detach()
@@ -156,9 +160,12 @@ def test_pooled_head_variant() -> None:
     assert not torch.allclose(out.xy, soft_argmax(out.heat_logits, make_coord_grid(8)))
 
 
-@pytest.mark.parametrize("exemplars", [False, True])
-def test_every_parameter_gets_a_gradient(exemplars: bool) -> None:
-    model = _build("tiny", 64, exemplars=exemplars).train()
+@pytest.mark.parametrize(
+    ("exemplars", "order_prior"),
+    [(False, "none"), (True, "none")] + [(False, p) for p in ORDER_PRIORS[1:]],
+)
+def test_every_parameter_gets_a_gradient(exemplars: bool, order_prior: str) -> None:
+    model = _build("tiny", 64, exemplars=exemplars, order_prior=order_prior).train()
     images = torch.randn(2, 3, 64, 64)
     mask = _mask(model.spec, 2) if exemplars else None
     features = model.encode(images, mask).repeat_interleave(3, 0)  # many steps per encoding
@@ -168,12 +175,71 @@ def test_every_parameter_gets_a_gradient(exemplars: bool) -> None:
     assert missing == []
 
 
+def test_rank_map_is_the_order_of_the_cell_centres() -> None:
+    grid, stride = 48, 8  # 384 px; rows of 50 px are 6.25 cells
+    rank = make_rank_map(grid, stride, "reading_order", 50.0)[0]
+    assert rank.shape == (grid, grid) and rank.min() == -1.0 and rank.max() == 1.0
+    centres = (np.arange(grid) + 0.5) * stride
+    ys, xs = np.meshgrid(centres, centres, indexing="ij")
+    order = order_indices(np.stack([xs.ravel(), ys.ravel()], 1), "reading_order", 50.0)
+    assert (np.diff(rank.flatten().numpy()[order]) > 0).all()
+    # Row bands, not y: cell row 5 (y 44 px) is in the first band, row 6 (y 52 px) in the
+    # second, so the right end of row 5 precedes the left end of row 6 ...
+    assert rank[5, 47] < rank[6, 0]
+    # ... while within a band x comes first: row 5's left end precedes row 0's right end.
+    assert rank[5, 0] < rank[0, 47]
+    by_x = make_rank_map(grid, stride, "left_to_right", 50.0)[0]
+    assert by_x[47, 0] < by_x[0, 1]
+    assert not make_rank_map(grid, stride, "nearest_neighbor", 50.0).any()
+
+
+def test_scan_prior_lowers_each_cell_by_the_object_mass_before_it() -> None:
+    model = _build("tiny", 64, order_prior="scan")
+    spec, stepper = model.spec, model.stepper
+    rank = make_rank_map(spec.grid, spec.stride, spec.order, spec.row_height)[0]
+    with torch.no_grad():
+        stepper.objects.weight.zero_()
+        stepper.objects.bias.fill_(30.0)  # every cell has mass 1: mass before = rank index
+        before = stepper._mass_before(torch.randn(2, spec.step_channels, spec.grid, spec.grid))
+    index = (rank + 1.0) / 2.0 * (spec.grid**2 - 1)
+    torch.testing.assert_close(before, index.expand(2, -1, -1))
+    # One object at cell (2, 5) (mass 1, elsewhere 0): only cells after it in the order pay.
+    mass = torch.full((1, 1, spec.grid, spec.grid), -30.0)
+    mass[0, 0, 2, 5] = 30.0
+    with torch.no_grad():
+        stepper.objects.weight.zero_()
+        stepper.objects.weight[0, 0] = 1.0
+        stepper.objects.bias.zero_()
+        h = torch.zeros(1, spec.step_channels, spec.grid, spec.grid)
+        h[:, :1] = mass
+        before = stepper._mass_before(h)[0]
+    torch.testing.assert_close(before, (rank > rank[2, 5]).float(), atol=1e-6, rtol=0)
+
+
 def test_spec_round_trip_and_validation() -> None:
     spec = ModelSpec.from_preset("base", 256, True, head="pooled", stride=4)
     restored = ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
     assert restored == spec and restored.grid == 64 and isinstance(restored.widths, tuple)
     with pytest.raises(ValueError, match="unknown keys"):
         ModelSpec.from_dict({**spec.to_dict(), "colour": 1})
+    # A spec saved before the order fields existed still loads, with their defaults.
+    old = {
+        k: v for k, v in spec.to_dict().items() if k not in ("order_prior", "order", "row_height")
+    }
+    restored = ModelSpec.from_dict(old)
+    assert (restored.order_prior, restored.order, restored.row_height) == (
+        "none",
+        "reading_order",
+        50.0,
+    )
+    with pytest.raises(ValueError, match=r"ModelSpec\.order_prior='sorted'"):
+        ModelSpec.from_preset("tiny", 64, False, order_prior="sorted")
+    with pytest.raises(ValueError, match=r"ModelSpec\.order_prior='scan': .*positional order"):
+        ModelSpec.from_preset("tiny", 64, False, order_prior="scan", order="nearest_neighbor")
+    with pytest.raises(ValueError, match=r"ModelSpec\.order='spiral'"):
+        ModelSpec.from_preset("tiny", 64, False, order="spiral")
+    with pytest.raises(ValueError, match=r"model spec: .*preset"):
+        ModelSpec.from_dict({k: v for k, v in spec.to_dict().items() if k != "preset"})
     with pytest.raises(ValueError, match=r"ModelSpec.image_size=100: .* multiple of .* 32"):
         ModelSpec.from_preset("tiny", 100, False)
     with pytest.raises(ValueError, match=r"ModelSpec.image_size=32: .*>= 2x"):
@@ -193,9 +259,23 @@ def test_spec_from_params() -> None:
     assert spec.head == "heatmap"
     assert spec.stride == PRESETS["base"]["stride"] and spec.grid == 256 // spec.stride
     assert spec.peak_window == PRESETS["base"]["peak_window"]
-    params = Params.model_validate({"model": {"head": "pooled", "stride": 16, "peak_window": 0}})
+    assert spec.order_prior == "none"  # the default
+    params = Params.model_validate(
+        {"model": {"head": "pooled", "stride": 16, "peak_window": 0, "order_prior": "scan"}}
+    )
     spec = spec_from_params(params)
     assert (spec.head, spec.stride, spec.peak_window) == ("pooled", 16, 0)
+    assert (spec.order_prior, spec.order, spec.row_height) == ("scan", "reading_order", 50.0)
+    params = Params.model_validate(
+        {"prepare": {"order": "left_to_right", "row_height": 30}, "model": {"order_prior": "none"}}
+    )
+    spec = spec_from_params(params)
+    assert (spec.order_prior, spec.order, spec.row_height) == ("none", "left_to_right", 30.0)
+    params = Params.model_validate(
+        {"prepare": {"order": "nearest_neighbor"}, "model": {"order_prior": "scan"}}
+    )
+    with pytest.raises(ValueError, match=r"model.order_prior=scan .* set model.order_prior=none"):
+        spec_from_params(params)
 
 
 class _Encode(torch.nn.Module):
@@ -231,12 +311,16 @@ def _export(module: torch.nn.Module, args: tuple, names: list[str], outs: list[s
     )
 
 
-def test_onnx_export_matches_torch(tmp_path) -> None:
+@pytest.mark.parametrize("order_prior", ORDER_PRIORS)
+def test_onnx_export_matches_torch(tmp_path, order_prior: str) -> None:
     ort = pytest.importorskip("onnxruntime")
-    model = _build("tiny", 64, exemplars=True)
+    model = _build("tiny", 64, exemplars=True, order_prior=order_prior)
     torch.manual_seed(1)
     # Non-trivial random weights: a peaked heat map and BN statistics that are not identity.
     torch.nn.init.normal_(model.stepper.heat.weight, std=1.0)
+    if order_prior == "scan":  # a scan that matters: object mass ~0.5 per cell
+        torch.nn.init.normal_(model.stepper.objects.weight, std=1.0)
+        torch.nn.init.zeros_(model.stepper.objects.bias)
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.uniform_(-0.5, 0.5)
