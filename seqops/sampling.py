@@ -1,8 +1,10 @@
 """Training steps drawn from one image's sequence (torch-free).
 
 An image with ``N`` objects in canonical order holds ``N + 1`` steps: with the first ``k``
-objects marked, the target is object ``k`` (``done = 0``) or, at ``k = N``, nothing left
-(``done = 1``). Training draws ``steps_per_image`` of them against one image encoding:
+objects marked, the target is the first unmarked object in that order (object ``k``, or an
+earlier one whose mark augmentation dropped: the loop must go back for an object it missed,
+not learn to skip it) with ``done = 0``, or, at ``k = N``, nothing left (``done = 1``).
+Training draws ``steps_per_image`` of them against one image encoding:
 ``max(1, round(done_share * steps_per_image))`` at ``k = N`` (so every image teaches when to
 stop) and the rest uniform in ``[0, N - 1]``.
 
@@ -140,7 +142,7 @@ def sample_image_steps(
         unmarked[i, k:] = True
         unmarked[i] |= dropped
         if k < num_objects:
-            target[i] = points[k]
+            target[i] = points[int(np.argmax(unmarked[i]))]  # the first unmarked in order
     return ImageSteps(
         k=ks,
         marks=np.stack(maps) if maps else np.zeros((0, grid, grid), np.float32),

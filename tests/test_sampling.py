@@ -82,7 +82,8 @@ def test_dropped_marks_become_unmarked_but_never_at_k_equals_n():
     steps = sample_image_steps(POINTS_PX, SIZE, SamplingConfig(), GRID, SIGMA, rng(), augment, ks)
     assert len(steps.mark_points[0]) == 0  # every mark of k=3 dropped
     assert steps.unmarked[0].all()  # so every object counts as unmarked
-    np.testing.assert_allclose(steps.target_xy[0], pixels_to_norm(POINTS_PX, SIZE)[3])
+    # ...and the next object is the first unmarked one: go back for it, never skip it.
+    np.testing.assert_allclose(steps.target_xy[0], pixels_to_norm(POINTS_PX, SIZE)[0])
     assert len(steps.mark_points[1]) == 5  # k = N keeps every mark: done must stay true
     assert steps.done.tolist() == [0, 1]
 
