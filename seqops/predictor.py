@@ -362,7 +362,9 @@ class Predictor:
 
     def start(self, images: Sequence[PreparedImage]) -> list[Rollout]:
         """Encode a batch and return one fresh :class:`Rollout` per image."""
-        features = self.encode(images)
+        return self._rollouts(images, self.encode(images))
+
+    def _rollouts(self, images: Sequence[PreparedImage], features: np.ndarray) -> list[Rollout]:
         grid = self.info.grid
         return [
             Rollout(im, features[i], np.zeros((1, grid, grid), np.float32))
@@ -426,10 +428,10 @@ class Predictor:
             for im, ex in zip(images, exemplars, strict=True)
         ]
         t_prep = time.perf_counter()
-        rollouts = self.start(prepared)
+        features = self.encode(prepared)  # kept stacked: re-stacked only when an image finishes
+        rollouts = self._rollouts(prepared, features)
         t_enc = time.perf_counter()
         active = list(rollouts)
-        features = np.stack([r.features for r in active])
         while active:
             if deadline is not None and time.monotonic() > deadline:
                 for r in active:

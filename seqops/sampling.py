@@ -41,6 +41,11 @@ class ImageSteps:
     unmarked: np.ndarray  # [K, N] bool, objects without a mark (nearest_unmarked targets)
 
 
+def done_steps(steps_per_image: int, done_share: float) -> int:
+    """How many of an image's ``steps_per_image`` steps have ``k = N`` (done = 1): at least one."""
+    return min(steps_per_image, max(1, round(done_share * steps_per_image)))
+
+
 def choose_ks(
     num_objects: int, steps_per_image: int, done_share: float, rng: np.random.Generator
 ) -> np.ndarray:
@@ -48,7 +53,7 @@ def choose_ks(
 
     An image without objects only has the done step, so every ``k`` is 0.
     """
-    n_done = min(steps_per_image, max(1, round(done_share * steps_per_image)))
+    n_done = done_steps(steps_per_image, done_share)
     ks = np.full(steps_per_image, num_objects, dtype=np.int64)
     if num_objects > 0:
         ks[n_done:] = rng.integers(0, num_objects, size=steps_per_image - n_done)

@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 
 from seqops.config import Params, load_params
 from seqops.data.manifest import Record, manifest_path, write_manifest
+from seqops.data.ordering import order_points
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,14 +46,6 @@ TINY_OVERRIDES = (
     "train.picture_samples=2",
     "train.max_minutes=0",
 )
-
-
-def order_reading(points: np.ndarray, row_height: float) -> np.ndarray:
-    """Reading order: rows of ``row_height`` px top to bottom, left to right within a row."""
-    if len(points) == 0:
-        return points
-    keys = np.lexsort((points[:, 0], np.floor(points[:, 1] / row_height)))
-    return points[keys]
 
 
 def draw_disc_scene(
@@ -100,7 +93,7 @@ def make_tiny_dataset(
             pixels, points = draw_disc_scene(
                 rng, image_size, int(rng.integers(min_objects, max_objects + 1)), radius
             )
-            points = order_reading(points, row_height)
+            points = order_points(points, "reading_order", row_height)
             rel = f"images/{split}/{split}_{i:04d}.png"
             Image.fromarray(pixels).save(root / rel)
             boxes = [(x - radius, y - radius, x + radius, y + radius) for x, y in points[:3]]

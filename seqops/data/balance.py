@@ -18,6 +18,7 @@ from pathlib import Path
 
 from seqops.config import SamplingConfig
 from seqops.data.manifest import manifest_path, read_manifest
+from seqops.sampling import done_steps
 
 RARE_SHARE = 0.10  # below this share of done = 1 examples, the report warns
 SUGGESTED_DONE_SHARE = 0.2
@@ -25,8 +26,7 @@ SUGGESTED_DONE_SHARE = 0.2
 
 def done_steps_per_image(sampling: SamplingConfig) -> int:
     """How many of an image's ``steps_per_image`` steps have ``k = N`` (done = 1)."""
-    steps = sampling.steps_per_image
-    return min(steps, max(1, round(sampling.done_share * steps)))
+    return done_steps(sampling.steps_per_image, sampling.done_share)
 
 
 def sampled_done_share(counts: Sequence[int], sampling: SamplingConfig) -> float | None:
