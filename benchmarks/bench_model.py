@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from seqops.model import PRESETS, ModelSpec, SeqCounter
+from seqops.model import ORDER_PRIORS, PRESETS, ModelSpec, SeqCounter
 
 
 def time_pair_ms(
@@ -144,6 +144,7 @@ def bench_spec(
     base = {
         "preset": spec.preset,
         "head": spec.head,
+        "order_prior": spec.order_prior,
         "exemplars": spec.exemplars,
         "image_size": spec.image_size,
         "grid": spec.grid,
@@ -215,6 +216,12 @@ def main() -> None:
         help="cpu: process CPU time, robust when other jobs share the cores (use --threads 1)",
     )
     parser.add_argument("--exemplars", action="store_true")
+    parser.add_argument(
+        "--order-prior",
+        choices=list(ORDER_PRIORS),
+        default="scan",
+        help="the step's order prior (params model.order_prior)",
+    )
     parser.add_argument("--onnx", action="store_true", help="also time onnxruntime (CPU)")
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = parser.parse_args()
@@ -225,10 +232,15 @@ def main() -> None:
     rows = []
     for preset in args.presets:
         for head in args.heads:
-            spec = ModelSpec.from_preset(preset, args.image_size, args.exemplars, head=head)
+            spec = ModelSpec.from_preset(
+                preset, args.image_size, args.exemplars, head=head, order_prior=args.order_prior
+            )
             rows.extend(bench_spec(spec, args.batches, args.repeats, args.onnx, clock))
     threads = torch.get_num_threads()
-    print(f"torch {torch.__version__}, {threads} threads, {args.clock} clock, {args.image_size}px")
+    print(
+        f"torch {torch.__version__}, {threads} threads, {args.clock} clock, "
+        f"{args.image_size}px, order prior {args.order_prior}"
+    )
     for r in rows:
         if r["batch"] == args.batches[0]:
             print(

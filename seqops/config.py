@@ -33,7 +33,7 @@ class _Section(BaseModel):
 
 class SyntheticConfig(_Section):
     clutter: float = Field(0.3, ge=0, le=1)  # share of scenes whose objects may touch/overlap
-    distractor_share: float = Field(0.5, ge=0, le=1)  # scenes with a second, uncounted kind
+    distractor_share: float = Field(0.0, ge=0, le=1)  # scenes with a second, uncounted kind
     num_exemplars: int = Field(3, ge=0, le=3)  # exemplar boxes per scene (FSC-147 has 3)
     noise: float = Field(0.04, ge=0, le=1)  # background noise amplitude (share of 255)
 
@@ -87,7 +87,7 @@ class ModelConfig(_Section):
     peak_window: int = Field(-1, ge=-1)  # soft-argmax window half-width, cells; -1: preset's
     # How the step finds the next object in the order (seqops.model.ORDER_PRIORS); "scan"
     # needs a positional prepare.order (not nearest_neighbor).
-    order_prior: Literal["none", "scan"] = "none"
+    order_prior: Literal["none", "scan"] = "scan"
 
 
 class LossConfig(_Section):

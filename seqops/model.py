@@ -42,12 +42,11 @@ HEADS = ("heatmap", "pooled")
 # "none": only from the coordinate channels, through a 7-cell receptive field: a linear
 # position prior, which cannot express reading order's row bands (it picks *an* unmarked
 # object: ~95 px median error against the ordered target after 5 epochs).
-# "scan": a learned map of unmarked-object mass is summed along the order (a cumulative
-# sum over the cells in rank order) and each cell's logit is lowered by the mass before
-# it, so the first unmarked object in the order wins (~3.5 px vs ~80 px after 10 epochs;
-# full-rollout counts were not better: an object the scan skips stays skipped). The
-# issue 3 report has the measurements, including a learned [g, g] logit prior and a rank
-# channel, which did not beat "none".
+# "scan" (the default): a learned map of unmarked-object mass is summed along the order (a
+# cumulative sum over the cells in rank order) and each cell's logit is lowered by the mass
+# before it, so the first unmarked object in the order wins. Tiny preset, 12 epochs, scenes
+# without distractors, test split through the ONNX predictor: count MAE 0.60 / 72% exact
+# with "scan" against 2.92 / 35% for nearest_unmarked targets (README, "Training results").
 ORDER_PRIORS = ("none", "scan")
 # Initial bias of the scan's objectness (sigmoid): background cells add little at the start.
 _SCAN_PRIOR_LOGIT = -6.0

@@ -4,6 +4,10 @@ An image with ``N`` objects in canonical order holds ``N + 1`` steps: with the f
 objects marked, the target is the first unmarked object in that order (object ``k``, or an
 earlier one whose mark augmentation dropped: the loop must go back for an object it missed,
 not learn to skip it) with ``done = 0``, or, at ``k = N``, nothing left (``done = 1``).
+With ``shuffle=True`` (``train.target: nearest_unmarked``) the ``k`` marked objects are a
+random subset instead of an order's prefix: a loop that takes any unmarked object next
+leaves its marks scattered over the image, and a network only ever trained on prefixes
+(marks filling the image from the top) says "done" early on such marks.
 Training draws ``steps_per_image`` of them against one image encoding:
 ``max(1, round(done_share * steps_per_image))`` at ``k = N`` (so every image teaches when to
 stop) and the rest uniform in ``[0, N - 1]``.
@@ -111,6 +115,7 @@ def sample_image_steps(
     rng: np.random.Generator,
     augment: AugmentConfig | None = None,
     ks: np.ndarray | None = None,
+    shuffle: bool = False,
 ) -> ImageSteps:
     """Draw the training steps of one image.
 
@@ -122,6 +127,8 @@ def sample_image_steps(
         rng: the random source (a fixed seed makes the steps reproducible, e.g. for val).
         augment: mark noise, or ``None`` for clean marks (validation).
         ks: explicit ``k`` values instead of :func:`choose_ks` (pictures, tests).
+        shuffle: mark a random subset of ``k`` objects per step (a new permutation per
+            step) instead of the first ``k`` in canonical order.
 
     Returns:
         The steps with marks rendered by :func:`seqops.imaging.render_marks`.
@@ -138,16 +145,20 @@ def sample_image_steps(
     target = np.zeros((len(ks), 2), np.float32)
     unmarked = np.zeros((len(ks), num_objects), bool)
     for i, k in enumerate(ks):
+        # The order objects are marked in: canonical, or a fresh random one per step.
+        order = rng.permutation(num_objects) if shuffle else np.arange(num_objects)
+        ordered = points[order]
         if augment is None:
-            marks, dropped = points[:k].copy(), np.zeros(num_objects, bool)
+            marks, dropped = ordered[:k].copy(), np.zeros(num_objects, bool)
         else:
-            marks, dropped = augment_marks(points, int(k), augment, image_size, clearance, rng)
+            marks, dropped = augment_marks(ordered, int(k), augment, image_size, clearance, rng)
         maps.append(render_marks(marks, grid, sigma))
         mark_points.append(marks)
-        unmarked[i, k:] = True
-        unmarked[i] |= dropped
+        left = dropped.copy()
+        left[k:] = True
+        unmarked[i, order] = left
         if k < num_objects:
-            target[i] = points[int(np.argmax(unmarked[i]))]  # the first unmarked in order
+            target[i] = ordered[int(np.argmax(left))]  # the first unmarked in that order
     return ImageSteps(
         k=ks,
         marks=np.stack(maps) if maps else np.zeros((0, grid, grid), np.float32),

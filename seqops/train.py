@@ -235,6 +235,21 @@ def run_train(
         close_distributed(dist_info)
 
 
+def warn_uncounted_kinds(ds: StepDataset, exemplars: bool) -> str | None:
+    """Warn (and return the warning) when scenes hold an uncounted kind and nothing says
+    which kind counts: without exemplars the network cannot tell the kinds apart."""
+    scenes = sum(1 for r in ds.records if r.extra.get("num_distractors", 0) > 0)
+    if exemplars or not scenes:
+        return None
+    message = (
+        f"{ds.dataset_dir}: {scenes} of {len(ds.records)} training scenes hold distractors "
+        "(a second, uncounted kind) but model.exemplars is false, so nothing tells the model "
+        "which kind to count: set model.exemplars=true or prepare.synthetic.distractor_share=0"
+    )
+    log.warning(message)
+    return message
+
+
 def _fit(
     params: Params,
     data_dir: Path,
@@ -257,6 +272,8 @@ def _fit(
         StepDataset(data_dir, "val", *dataset_args, augment=False, seed=VAL_SEED) if main else None
     )
     fingerprint = fingerprint_dataset(data_dir)
+    if main:
+        warn_uncounted_kinds(train_ds, spec.exemplars)
 
     model = SeqCounter(spec).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -95,6 +95,8 @@ class StepDataset(Dataset):
         self.pixels = load_pixels(dataset_dir, self.records, self.image_size)
         self.sampling = params.sampling
         self.augment = params.train.augment if augment else None
+        # nearest_unmarked: the loop marks objects in its own order, so mark random subsets.
+        self.shuffle = params.train.target == "nearest_unmarked"
         self.grid, self.mark_sigma, self.exemplars = grid, mark_sigma, exemplars
         self.seed = seed
         self.epoch = 0
@@ -126,6 +128,7 @@ class StepDataset(Dataset):
             self.mark_sigma,
             self.rng(index),
             augment=self.augment,
+            shuffle=self.shuffle,
         )
         item = {
             "image": normalize_pixels(self.pixels[index]),

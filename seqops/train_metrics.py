@@ -272,6 +272,7 @@ def draw_val_pictures(
             spec.mark_sigma,
             np.random.default_rng(i),
             ks=np.array([k]),
+            shuffle=val_ds.shuffle,
         )
         image = torch.from_numpy(normalize_pixels(val_ds.pixels[i]))[None].to(device)
         mask = None

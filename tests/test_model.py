@@ -259,7 +259,7 @@ def test_spec_from_params() -> None:
     assert spec.head == "heatmap"
     assert spec.stride == PRESETS["base"]["stride"] and spec.grid == 256 // spec.stride
     assert spec.peak_window == PRESETS["base"]["peak_window"]
-    assert spec.order_prior == "none"  # the default
+    assert spec.order_prior == "scan"  # the default
     params = Params.model_validate(
         {"model": {"head": "pooled", "stride": 16, "peak_window": 0, "order_prior": "scan"}}
     )

@@ -55,6 +55,25 @@ def test_clean_steps_have_the_next_point_as_target_and_the_first_k_as_marks():
     assert steps.marks.dtype == np.float32
 
 
+def test_shuffled_steps_mark_random_subsets_and_target_an_unmarked_object():
+    points = pixels_to_norm(POINTS_PX, SIZE)
+    ks = np.full(200, 2)
+    steps = sample_image_steps(
+        POINTS_PX, SIZE, SamplingConfig(), GRID, SIGMA, rng(), NO_NOISE, ks=ks, shuffle=True
+    )
+    subsets = set()
+    for i in range(len(ks)):
+        marked = ~steps.unmarked[i]
+        assert marked.sum() == 2
+        # The marks drawn are exactly the objects the unmarked mask leaves out.
+        np.testing.assert_allclose(
+            np.sort(steps.mark_points[i], axis=0), np.sort(points[marked], axis=0)
+        )
+        assert any(np.allclose(steps.target_xy[i], p) for p in points[steps.unmarked[i]])
+        subsets.add(tuple(np.flatnonzero(marked)))
+    assert len(subsets) == 10  # every 2-subset of 5 objects, not only the prefix (0, 1)
+
+
 def test_sampling_is_reproducible_with_a_seed():
     augment = AugmentConfig(mark_jitter_px=2, mark_drop_prob=0.3, spurious_mark_prob=0.5)
     a = sample_image_steps(POINTS_PX, SIZE, SamplingConfig(), GRID, SIGMA, rng(7), augment)

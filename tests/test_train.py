@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -15,10 +16,10 @@ from conftest import ROOT, TINY_OVERRIDES, make_tiny_dataset, shrink_params
 
 from seqops import checkpoint as ckpt
 from seqops.cli import main
-from seqops.data.manifest import read_manifest
+from seqops.data.manifest import manifest_path, read_manifest, write_manifest
 from seqops.imaging import load_image, normalize_pixels, pixels_to_norm, render_marks
 from seqops.model import StepOutput
-from seqops.train import check_gradients, run_train
+from seqops.train import check_gradients, run_train, warn_uncounted_kinds
 from seqops.train_data import StepDataset, collate_steps
 from seqops.train_metrics import compute_step_losses, reduce_losses
 from seqops.train_state import EarlyStopping, resume_mismatch
@@ -56,6 +57,20 @@ def test_a_batch_holds_k_steps_per_image(tiny_dataset, tiny_params):
     before = [ds[i]["marks"] for i in range(len(ds))]
     ds.set_epoch(1)  # training draws new steps each epoch
     assert any(not np.array_equal(b, ds[i]["marks"]) for i, b in enumerate(before))
+
+
+def test_training_warns_when_scenes_hold_a_kind_nothing_says_not_to_count(tmp_path, tiny_params):
+    data = make_tiny_dataset(tmp_path / "prepared", num_train=6, num_val=1)
+    records = read_manifest(manifest_path(data, "train"))
+    marked = [dataclasses.replace(r, extra={"num_distractors": 2}) for r in records[:2]]
+    write_manifest(manifest_path(data, "train"), marked + records[2:])
+    ds = StepDataset(data, "train", tiny_params, 8, 1.0, False, augment=True, seed=0)
+    message = warn_uncounted_kinds(ds, exemplars=False)
+    assert message is not None and "2 of 6 training scenes hold distractors" in message
+    assert warn_uncounted_kinds(ds, exemplars=True) is None
+    write_manifest(manifest_path(data, "train"), records)
+    plain = StepDataset(data, "train", tiny_params, 8, 1.0, False, augment=True, seed=0)
+    assert warn_uncounted_kinds(plain, exemplars=False) is None
 
 
 def test_validation_steps_are_the_same_every_epoch(tiny_dataset, tiny_params):
