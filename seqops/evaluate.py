@@ -109,6 +109,7 @@ def summarise(
     probs: np.ndarray,
     labels: np.ndarray,
     radius: float,
+    done_threshold: float = 0.5,
 ) -> dict[str, Any]:
     """The stage's metrics from the per-image results (one flat dict: DVC and MLflow)."""
     out: dict[str, Any] = {
@@ -118,7 +119,7 @@ def summarise(
     }
     out.update(M.count_metrics([r["pred_count"] for r in rows], [r["true_count"] for r in rows]))
     out.update(M.localisation_metrics(matches, radius))
-    out.update(M.calibration_metrics(probs, labels))
+    out.update(M.calibration_metrics(probs, labels, threshold=done_threshold))
     stops = Counter(r["stop"] for r in rows)
     for kind in ("early", "on_time", "late", "guard"):
         out[f"stop_{kind}_rate"] = stops[kind] / len(rows) if rows else math.nan
@@ -216,7 +217,7 @@ def run_evaluate(
             all_labels.append(labels)
     elapsed = time.perf_counter() - started
     probs, labels = np.concatenate(all_probs), np.concatenate(all_labels)
-    metrics = summarise(rows, matches, probs, labels, cfg.match_radius_px)
+    metrics = summarise(rows, matches, probs, labels, cfg.match_radius_px, cfg.done_threshold)
     metrics["latency_ms_per_image"] = 1e3 * elapsed / len(records)
     metrics["steps_per_image"] = float(len(probs) / len(records))
     metrics = _json_safe(metrics)

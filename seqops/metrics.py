@@ -170,7 +170,7 @@ def count_metrics(
 
 
 def localisation_metrics(matches: Sequence[MatchResult], radius: float) -> dict[str, float]:
-    """Precision, recall, F1 (pooled over images), matched error mean/median (px),
+    """Precision, recall, F1 (pooled over images), matched error mean/median/p90 (px),
     duplicates, spurious predictions and misses (totals and rates)."""
     tp = sum(m.matches for m in matches)
     num_pred = sum(m.num_pred for m in matches)
@@ -192,6 +192,7 @@ def localisation_metrics(matches: Sequence[MatchResult], radius: float) -> dict[
         "f1": f1,
         "px_err_mean": _mean(errors),
         "px_err_median": float(np.median(errors)) if len(errors) else math.nan,
+        "px_err_p90": float(np.percentile(errors, 90)) if len(errors) else math.nan,
         "duplicates": int(duplicates),
         "duplicate_rate": duplicates / num_pred if num_pred else math.nan,
         "spurious": int(sum(m.spurious for m in matches)),
@@ -228,10 +229,13 @@ def reliability_table(
 
 
 def calibration_metrics(
-    probs: Sequence[float], labels: Sequence[int], bins: int = CALIBRATION_BINS
+    probs: Sequence[float],
+    labels: Sequence[int],
+    bins: int = CALIBRATION_BINS,
+    threshold: float = 0.5,
 ) -> dict[str, float]:
     """Expected calibration error (bin-weighted |mean predicted - observed|), Brier score,
-    and the number of steps scored."""
+    precision, recall and F1 of ``done > threshold``, and the number of steps scored."""
     probs = np.asarray(probs, np.float64)
     labels = np.asarray(labels, np.float64)
     table = reliability_table(probs, labels, bins)
@@ -245,9 +249,16 @@ def calibration_metrics(
         if total
         else math.nan
     )
+    said, truth = probs > threshold, labels > 0.5
+    tp = float(np.sum(said & truth))
+    precision = tp / said.sum() if said.sum() else math.nan
+    recall = tp / truth.sum() if truth.sum() else math.nan
     return {
         "done_ece": float(ece),
         "done_brier": _mean((probs - labels) ** 2),
+        "done_precision": precision,
+        "done_recall": recall,
+        "done_f1": 2 * tp / (said.sum() + truth.sum()) if said.sum() + truth.sum() else math.nan,
         "done_steps": int(total),
         "done_positive_rate": _mean(labels),
     }

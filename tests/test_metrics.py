@@ -120,6 +120,7 @@ def test_localisation_metrics_pool_over_images():
     assert out["f1"] == pytest.approx(2 / 3)
     assert out["px_err_mean"] == pytest.approx(2.5)
     assert out["px_err_median"] == pytest.approx(2.5)
+    assert out["px_err_p90"] == pytest.approx(1.0 + 0.9 * 3.0)  # errors 1 and 4
     assert (out["misses"], out["spurious"], out["duplicates"]) == (1, 1, 0)
     assert out["miss_rate"] == pytest.approx(1 / 3)
 
@@ -155,6 +156,13 @@ def test_calibration_metrics():
     assert wrong["done_ece"] == pytest.approx(0.95)
     assert wrong["done_brier"] == pytest.approx(0.95**2)
     assert wrong["done_steps"] == 2
+    assert perfect["done_f1"] == perfect["done_precision"] == perfect["done_recall"] == 1.0
+    # Said done (> 0.5): steps 1, 2; truly done: steps 1, 3.
+    mixed = M.calibration_metrics([0.1, 0.9, 0.8, 0.2], [0, 1, 0, 1])
+    assert (mixed["done_precision"], mixed["done_recall"]) == (0.5, 0.5)
+    assert mixed["done_f1"] == pytest.approx(0.5)
+    assert M.calibration_metrics([0.9, 0.8], [0, 1], threshold=0.85)["done_f1"] == 0.0
+    assert math.isnan(wrong["done_recall"])  # no done step to find
 
 
 def test_stop_timing():
