@@ -102,7 +102,7 @@ class LossConfig(_Section):
 class AugmentConfig(_Section):
     """Noise on the marks during training, so the loop recovers from its own small errors."""
 
-    mark_jitter_px: float = Field(1.0, ge=0)  # std of Gaussian jitter of each mark, model px
+    mark_jitter_px: float = Field(2.5, ge=0)  # std of Gaussian jitter of each mark, model px
     mark_drop_prob: float = Field(0.05, ge=0, le=1)  # a found object's mark goes missing
     spurious_mark_prob: float = Field(0.05, ge=0, le=1)  # a mark lands where no object is
 
