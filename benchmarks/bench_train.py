@@ -34,12 +34,8 @@ from seqops.train_data import StepDataset, collate_steps
 from seqops.train_metrics import compute_step_losses, reduce_losses
 
 
-class OneStepPerForward(nn.Module):
+class OneStepPerForward(ManyStepNet):
     """The research's way: every example runs the whole network on its own image."""
-
-    def __init__(self, model: SeqCounter) -> None:
-        super().__init__()
-        self.model = model
 
     def forward(
         self, images: Tensor, marks: Tensor, step_image: Tensor, exemplar_mask: Tensor | None
