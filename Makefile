@@ -17,7 +17,7 @@ SET          ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test lint format test-fast clean images image-train test-containers \
-	flow prefect-server prefect-worker deploy run-deployment mlflow-ui
+	flow prefect-server work-pool prefect-worker deploy run-deployment mlflow-ui
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -52,12 +52,13 @@ flow: $(STAMP) ## Run the pipeline flow here (SET="train.epochs=3 prepare.num_tr
 prefect-server: $(STAMP) ## Local Prefect server and UI on http://127.0.0.1:4200 (foreground)
 	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
-prefect-worker: $(STAMP) ## A process worker for seqops-pipeline/local (foreground)
+work-pool: $(STAMP)
 	PREFECT_API_URL=$(PREFECT_API) $(BIN)/prefect work-pool create $(PREFECT_POOL) --type process --overwrite
+
+prefect-worker: work-pool ## A process worker for seqops-pipeline/local (foreground)
 	PREFECT_API_URL=$(PREFECT_API) $(BIN)/prefect worker start --pool $(PREFECT_POOL)
 
-deploy: $(STAMP) ## Create the work pool and the seqops-pipeline/local deployment (prefect.yaml)
-	PREFECT_API_URL=$(PREFECT_API) $(BIN)/prefect work-pool create $(PREFECT_POOL) --type process --overwrite
+deploy: work-pool ## Create the work pool and the seqops-pipeline/local deployment (prefect.yaml)
 	PREFECT_API_URL=$(PREFECT_API) $(BIN)/prefect --no-prompt deploy --name local
 
 run-deployment: $(STAMP) ## Trigger seqops-pipeline/local and wait (OVERRIDES='{"train.epochs": 3}')

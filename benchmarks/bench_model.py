@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from seqops.config import ExportConfig
+from seqops.export import ENCODER_FILE, STEP_FILE, export_graphs
 from seqops.model import ORDER_PRIORS, PRESETS, ModelSpec, SeqCounter
 
 
@@ -78,51 +80,34 @@ def _inputs(spec: ModelSpec, batch: int) -> tuple[torch.Tensor, torch.Tensor, to
     return images, marks, mask
 
 
-def _time_onnx(
-    model: SeqCounter, batch: int, repeats: int, clock: Callable[[], float]
-) -> dict[str, float]:
+def _onnx_sessions(model: SeqCounter) -> tuple:
+    """The encoder and step sessions of ``model`` exported by ``seqops.export`` (the graphs
+    that ship: dynamic batch, so exported once per spec)."""
     import onnxruntime as ort
 
-    spec = model.spec
-    images, marks, mask = _inputs(spec, batch)
-    features = model.encode(images, mask)
-
-    class Encode(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, *args: torch.Tensor) -> torch.Tensor:
-            return self.model.encode(*args)
-
-    class Step(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, f: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            return tuple(self.model.step(f, m))
-
-    enc_args = (images,) if mask is None else (images, mask)
-    feeds_enc = {f"in{i}": a.numpy() for i, a in enumerate(enc_args)}
-    feeds_step = {"in0": features.numpy(), "in1": marks.numpy()}
-    runs = {}
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
-        for name, module, args, feeds in (
-            ("encode", Encode(), enc_args, feeds_enc),
-            ("step", Step(), (features, marks), feeds_step),
-        ):
-            path = str(Path(tmp) / f"{name}.onnx")
-            # eval(): the exporter restores the wrapper's mode recursively afterwards.
-            names = list(feeds)
-            torch.onnx.export(
-                module.eval(), args, path, dynamo=False, opset_version=17, input_names=names
-            )
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = torch.get_num_threads()
-            session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-            runs[name] = lambda s=session, f=feeds: s.run(None, f)
-        encode_ms, step_ms, ratio = time_pair_ms(runs["encode"], runs["step"], repeats, clock)
+        export_graphs(model, Path(tmp), ExportConfig().opset, metadata={})
+        return tuple(
+            ort.InferenceSession(str(Path(tmp) / name), options, providers=["CPUExecutionProvider"])
+            for name in (ENCODER_FILE, STEP_FILE)
+        )
+
+
+def _time_onnx(
+    model: SeqCounter, sessions: tuple, batch: int, repeats: int, clock: Callable[[], float]
+) -> dict[str, float]:
+    encoder, stepper = sessions
+    images, marks, mask = _inputs(model.spec, batch)
+    enc_args = (images,) if mask is None else (images, mask)
+    features = model.encode(*enc_args)
+    feeds_enc = {i.name: a.numpy() for i, a in zip(encoder.get_inputs(), enc_args, strict=True)}
+    step_args = (features, marks)
+    feeds_step = {i.name: a.numpy() for i, a in zip(stepper.get_inputs(), step_args, strict=True)}
+    encode_ms, step_ms, ratio = time_pair_ms(
+        lambda: encoder.run(None, feeds_enc), lambda: stepper.run(None, feeds_step), repeats, clock
+    )
     return {"onnx_encode_ms": encode_ms, "onnx_step_ms": step_ms, "onnx_ratio": ratio}
 
 
@@ -160,6 +145,7 @@ def bench_spec(
     with torch.inference_mode():
         model.encode(*_inputs(spec, max(batches))[::2])
     rows = []
+    sessions = _onnx_sessions(model) if onnx else None
     for batch in batches:
         images, marks, mask = _inputs(spec, batch)
         with torch.inference_mode():
@@ -173,9 +159,9 @@ def bench_spec(
         row = {**base, "batch": batch, "encode_ms": encode_ms, "step_ms": step_ms, "ratio": ratio}
         # 30 objects: encode once + 31 steps (the last says done) vs 31 full passes.
         row["speedup_30_objects"] = 31 * (encode_ms + step_ms) / (encode_ms + 31 * step_ms)
-        if onnx:
-            with torch.inference_mode(False), torch.no_grad():
-                row.update(_time_onnx(model, batch, repeats, clock))
+        if sessions:
+            with torch.no_grad():
+                row.update(_time_onnx(model, sessions, batch, repeats, clock))
         rows.append(row)
     return rows
 

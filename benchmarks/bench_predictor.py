@@ -34,6 +34,7 @@ from torch import nn
 
 from seqops import imaging
 from seqops.export import build_metadata, export_graph, export_model, make_untrained_model
+from seqops.io import atomic_write_json
 from seqops.model import ModelSpec, SeqCounter
 from seqops.predictor import Predictor, session_options
 
@@ -255,8 +256,7 @@ def main() -> None:
         " (goal <= +20%)"
     )
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"machine": info, "rows": rows}, indent=2) + "\n")
+        atomic_write_json(args.out, {"machine": info, "rows": rows})
 
 
 if __name__ == "__main__":

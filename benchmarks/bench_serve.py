@@ -40,6 +40,8 @@ from pathlib import Path
 import httpx
 from PIL import Image, ImageDraw
 
+from seqops.io import atomic_write_json
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -334,7 +336,7 @@ def main() -> None:
             f" p50 {r['p50_ms']} vs {off['p50_ms']} ms"
         )
     if args.out:
-        args.out.write_text(json.dumps(report, indent=2))
+        atomic_write_json(args.out, report)
     print(f"machine: {report['machine']}; model: {report['model']}")
 
 

@@ -52,6 +52,7 @@ from flows.workspace import (
     workspace_lock,
     write_overrides,
 )
+from seqops.cli import add_overrides_argument
 from seqops.config import ConfigError, Params, load_params, parse_override
 
 STAGES = ("prepare", "train", "export", "evaluate")
@@ -271,14 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flows.pipeline", description=pipeline.__doc__.splitlines()[0]
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a parameter, e.g. --set train.epochs=3 (repeatable; values are YAML)",
-    )
+    add_overrides_argument(parser)
     parser.add_argument(
         "--no-promote", action="store_true", help="compare with the champion, move nothing"
     )

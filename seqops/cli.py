@@ -19,18 +19,24 @@ from seqops.config import DEFAULT_PARAMS_PATH, ConfigError, Params, load_params
 log = logging.getLogger("seqops")
 
 
-def _add_params_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--params", type=Path, default=DEFAULT_PARAMS_PATH, help="parameter file (params.yaml)"
-    )
+def add_overrides_argument(parser: argparse.ArgumentParser) -> None:
+    """Repeatable ``--set KEY=VALUE`` (into ``args.overrides``), for :func:`load_params`."""
     parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a parameter, e.g. --set prepare.num_train=200 (repeatable)",
+        help="override a parameter, e.g. --set prepare.num_train=200 (repeatable; values are YAML)",
     )
+
+
+def add_params_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--params FILE`` and the ``--set`` overrides of every stage command."""
+    parser.add_argument(
+        "--params", type=Path, default=DEFAULT_PARAMS_PATH, help="parameter file (params.yaml)"
+    )
+    add_overrides_argument(parser)
 
 
 def _params(args: argparse.Namespace) -> Params:
@@ -70,7 +76,7 @@ def cmd_data_balance(args: argparse.Namespace) -> int:
 
 def _register_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prepare", help="prepare a dataset (the `prepare` DVC stage)")
-    _add_params_args(p)
+    add_params_arguments(p)
     p.add_argument("--out", type=Path, default=Path("data/prepared"), help="dataset directory")
     p.set_defaults(func=cmd_prepare)
 
@@ -80,7 +86,7 @@ def _register_data(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dataset", type=Path, nargs="?", default=Path("data/prepared"))
     p.set_defaults(func=cmd_data_stats)
     p = data_sub.add_parser("balance", help="done=1 share under the training sampling settings")
-    _add_params_args(p)
+    add_params_arguments(p)
     p.add_argument("dataset", type=Path, nargs="?", default=Path("data/prepared"))
     p.add_argument("--split", default="train")
     p.set_defaults(func=cmd_data_balance)
@@ -114,7 +120,7 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
         "under --out, the metrics JSON and the per-epoch plots CSV; log the run to MLflow "
         "($MLFLOW_TRACKING_URI, default sqlite:///mlflow.db).",
     )
-    _add_params_args(p)
+    add_params_arguments(p)
     p.add_argument("--data", type=Path, default=Path("data/prepared"), help="prepared dataset")
     p.add_argument("--out", type=Path, default=Path("models"), help="checkpoint directory")
     p.add_argument("--metrics", type=Path, default=Path("metrics/train.json"))
@@ -157,7 +163,7 @@ def _register_export(sub: argparse._SubParsersAction) -> None:
         "onnx.checker and a torch/onnxruntime parity check; log the model into the training "
         "run with MLflow's ONNX flavour, register it as `seqops` with alias `candidate`.",
     )
-    _add_params_args(p)
+    add_params_arguments(p)
     p.add_argument("--checkpoint", type=Path, default=Path("models/best.pt"))
     p.add_argument("--run", type=Path, default=Path("models/train_run.json"), help="train run")
     p.add_argument("--out", type=Path, default=Path("models/onnx"), help="model directory")
@@ -193,7 +199,7 @@ def _register_evaluate(sub: argparse._SubParsersAction) -> None:
         "metrics JSON, the plots CSVs (counts, done calibration) and a report with the worst "
         "images; log test/<metric> into the model's training run.",
     )
-    _add_params_args(p)
+    add_params_arguments(p)
     p.add_argument("--model", default="models/onnx", help="model directory or models:/ URI")
     p.add_argument("--data", type=Path, default=Path("data/prepared"), help="prepared dataset")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))

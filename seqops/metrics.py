@@ -177,11 +177,7 @@ def localisation_metrics(matches: Sequence[MatchResult], radius: float) -> dict[
     num_true = sum(m.num_true for m in matches)
     precision = tp / num_pred if num_pred else math.nan
     recall = tp / num_true if num_true else math.nan
-    f1 = (
-        2 * precision * recall / (precision + recall)
-        if num_pred and num_true and precision + recall > 0
-        else (0.0 if num_pred and num_true else math.nan)
-    )
+    f1 = 2 * tp / (num_pred + num_true) if num_pred and num_true else math.nan
     errors = np.concatenate([m.distances for m in matches]) if matches else np.zeros(0)
     duplicates = sum(m.duplicates for m in matches)
     misses = sum(m.misses for m in matches)
@@ -249,18 +245,30 @@ def calibration_metrics(
         if total
         else math.nan
     )
-    said, truth = probs > threshold, labels > 0.5
-    tp = float(np.sum(said & truth))
-    precision = tp / said.sum() if said.sum() else math.nan
-    recall = tp / truth.sum() if truth.sum() else math.nan
     return {
         "done_ece": float(ece),
         "done_brier": _mean((probs - labels) ** 2),
-        "done_precision": precision,
-        "done_recall": recall,
-        "done_f1": 2 * tp / (said.sum() + truth.sum()) if said.sum() + truth.sum() else math.nan,
+        **done_scores(probs, labels, threshold),
         "done_steps": int(total),
         "done_positive_rate": _mean(labels),
+    }
+
+
+def done_scores(
+    probs: Sequence[float],
+    labels: Sequence[int],
+    threshold: float = 0.5,
+    undefined: float = math.nan,
+) -> dict[str, float]:
+    """Precision, recall and F1 of ``done > threshold`` against the labels; ``undefined``
+    where a denominator is 0 (F1 is 0 when only one side has done steps)."""
+    said = np.asarray(probs, np.float64) > threshold
+    truth = np.asarray(labels, np.float64) > 0.5
+    tp, num_said, num_true = int(np.sum(said & truth)), int(said.sum()), int(truth.sum())
+    return {
+        "done_precision": tp / num_said if num_said else undefined,
+        "done_recall": tp / num_true if num_true else undefined,
+        "done_f1": 2 * tp / (num_said + num_true) if num_said + num_true else undefined,
     }
 
 

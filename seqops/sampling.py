@@ -144,9 +144,10 @@ def sample_image_steps(
     maps, mark_points = [], []
     target = np.zeros((len(ks), 2), np.float32)
     unmarked = np.zeros((len(ks), num_objects), bool)
+    canonical = np.arange(num_objects)
     for i, k in enumerate(ks):
         # The order objects are marked in: canonical, or a fresh random one per step.
-        order = rng.permutation(num_objects) if shuffle else np.arange(num_objects)
+        order = rng.permutation(num_objects) if shuffle else canonical
         ordered = points[order]
         if augment is None:
             marks, dropped = ordered[:k].copy(), np.zeros(num_objects, bool)
@@ -154,7 +155,7 @@ def sample_image_steps(
             marks, dropped = augment_marks(ordered, int(k), augment, image_size, clearance, rng)
         maps.append(render_marks(marks, grid, sigma))
         mark_points.append(marks)
-        left = dropped.copy()
+        left = dropped  # a fresh array: objects unmarked, in that order
         left[k:] = True
         unmarked[i, order] = left
         if k < num_objects:

@@ -21,6 +21,7 @@ from seqops import losses
 from seqops.config import Params, TrainConfig
 from seqops.draw import draw_rollout, draw_step
 from seqops.imaging import add_mark, norm_to_pixels, normalize_pixels
+from seqops.metrics import done_scores
 from seqops.model import SeqCounter, StepOutput
 from seqops.runtime import autocast, to_device, worker_context
 from seqops.sampling import sample_image_steps
@@ -85,17 +86,9 @@ def score_done(done_prob: np.ndarray, done_target: np.ndarray) -> dict[str, floa
     """Accuracy, precision, recall and F1 of ``done_prob > 0.5`` (0 where undefined)."""
     pred = np.asarray(done_prob) > DONE_THRESHOLD
     truth = np.asarray(done_target) > 0.5
-    tp = float(np.sum(pred & truth))
-    fp = float(np.sum(pred & ~truth))
-    fn = float(np.sum(~pred & truth))
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {
         "done_acc": float(np.mean(pred == truth)) if len(pred) else 0.0,
-        "done_precision": precision,
-        "done_recall": recall,
-        "done_f1": f1,
+        **done_scores(done_prob, done_target, DONE_THRESHOLD, undefined=0.0),
     }
 
 

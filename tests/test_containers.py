@@ -9,6 +9,7 @@ published port. The train image is big: its build runs only with SEQOPS_TEST_TRA
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -27,8 +28,6 @@ SCRIPT = ROOT / "scripts" / "container-tools.sh"
 BASE_IMAGE = os.environ.get("SEQOPS_BASE_IMAGE", "localhost/seqops-base:bookworm")
 SERVE_IMAGE = "localhost/seqops-serve:test"
 TRAIN_IMAGE = "localhost/seqops-train:test"
-# runc, and ulimits below the host's: what podman needs on this kind of VM (the script says why).
-RUN_FLAGS = ["--runtime", "runc", "--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096"]
 # The tiny model's constant answer (normalised x, y): one object at (62.5 %, 25 %) of the image.
 MODEL_XY = (0.25, -0.5)
 
@@ -46,9 +45,32 @@ def run(
     return proc
 
 
+@functools.cache
+def run_flags() -> list[str]:
+    """The ``podman run`` flags that work on this kind of VM, as the script defines them."""
+    return run([str(SCRIPT), "run-flags"]).stdout.split()
+
+
 def podman_run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """``podman run --rm`` with the flags that work here."""
-    return run(["podman", "run", "--rm", *RUN_FLAGS, *args], timeout=timeout)
+    return run(["podman", "run", "--rm", *run_flags(), *args], timeout=timeout)
+
+
+def make_readable(model_dir: Path) -> None:
+    """The container runs as uid 10001: the mounted files must be readable by others."""
+    for path in (model_dir, *model_dir.iterdir()):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def predict_in_image(serve_image: str, model_dir: Path, image_path: Path, script: str) -> dict:
+    """Run ``script`` in the image with the model at /models/seqops and the image at
+    /data/blue.png; its last output line, as JSON."""
+    out = podman_run(
+        "-v", f"{model_dir}:/models/seqops:ro",
+        "-v", f"{image_path}:/data/blue.png:ro",
+        "--entrypoint", "python3", serve_image, "-c", script,
+    ).stdout  # fmt: skip
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def free_port() -> int:
@@ -143,9 +165,7 @@ def write_tiny_model(model_dir: Path, image_size: int = 64, grid: int = 8) -> Pa
         onnx.checker.check_model(model)
         onnx.save(model, model_dir / f"{name}.onnx")
     (model_dir / "model.json").write_text(json.dumps(meta))
-    # The container runs as uid 10001: the mounted files must be readable by others.
-    for path in (model_dir, *model_dir.iterdir()):
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    make_readable(model_dir)
     return model_dir
 
 
@@ -230,12 +250,7 @@ def test_serve_image_runs_the_predictor_on_a_mounted_model(
         "p = Predictor.load('/models/seqops');"
         "print(json.dumps({'provider': p.provider, **p.predict(['/data/blue.png'])[0].to_dict()}))"
     )
-    out = podman_run(
-        "-v", f"{model_dir}:/models/seqops:ro",
-        "-v", f"{image_path}:/data/blue.png:ro",
-        "--entrypoint", "python3", serve_image, "-c", script,
-    ).stdout  # fmt: skip
-    result = json.loads(out.strip().splitlines()[-1])
+    result = predict_in_image(serve_image, model_dir, image_path, script)
     assert result["provider"] == "CPUExecutionProvider"
     assert result["count"] == 1
     assert result["stopped_by"] == "done"
@@ -252,8 +267,7 @@ def test_serve_image_matches_the_host_predictor_on_a_real_export(serve_image: st
     exported_dir, _ = exported("plain")
     model_dir = tmp_path / "export"
     shutil.copytree(exported_dir, model_dir)
-    for path in (model_dir, *model_dir.iterdir()):
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    make_readable(model_dir)
     image_path = write_png(tmp_path / "blue.png", (96, 64))
     host = Predictor.load(model_dir, device="cpu").predict([image_path], max_objects=4)[0]
 
@@ -262,12 +276,7 @@ def test_serve_image_matches_the_host_predictor_on_a_real_export(serve_image: st
         "p = Predictor.load('/models/seqops', device='cpu');"
         "print(json.dumps(p.predict(['/data/blue.png'], max_objects=4)[0].to_dict()))"
     )
-    out = podman_run(
-        "-v", f"{model_dir}:/models/seqops:ro",
-        "-v", f"{image_path}:/data/blue.png:ro",
-        "--entrypoint", "python3", serve_image, "-c", script,
-    ).stdout  # fmt: skip
-    image = json.loads(out.strip().splitlines()[-1])
+    image = predict_in_image(serve_image, model_dir, image_path, script)
     assert image["count"] == host.count
     assert image["done_probs"] == pytest.approx(host.done_probs, abs=1e-3)
     flat = [v for point in image["points"] for v in point]
@@ -299,7 +308,7 @@ def test_serve_container_answers_predict(serve_image: str, model_dir: Path, tmp_
     port = free_port()
     name = f"seqops-serve-test-{uuid.uuid4().hex[:8]}"
     run([
-        "podman", "run", "-d", "--name", name, *RUN_FLAGS,
+        "podman", "run", "-d", "--name", name, *run_flags(),
         "-p", f"127.0.0.1:{port}:8000",
         "-v", f"{model_dir}:/models/seqops:ro",
         "-e", "SEQOPS_MODEL=/models/seqops",

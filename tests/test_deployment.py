@@ -93,25 +93,24 @@ def test_local_deployment_runs_on_a_process_worker(tmp_path):
     server_log = tmp_path / "server.log"
     worker_log = tmp_path / "worker.log"
     processes: list[subprocess.Popen] = []
-    try:
-        with open(server_log, "w") as log:
-            server = subprocess.Popen(
-                [
-                    str(BIN / "prefect"),
-                    "server",
-                    "start",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                ],
+
+    def spawn(log_path: Path, *args: str) -> subprocess.Popen:
+        """Start ``prefect <args>`` in its own session outside the workspace, output to
+        ``log_path``; :func:`stop` ends it after the test."""
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(
+                [str(BIN / "prefect"), *args],
                 cwd=tmp_path,
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        processes.append(server)
+        processes.append(proc)
+        return proc
+
+    try:
+        server = spawn(server_log, "server", "start", "--host", "127.0.0.1", "--port", str(port))
         wait_healthy(f"http://127.0.0.1:{port}/api/health", server, server_log)
 
         prefect("work-pool", "create", POOL, "--type", "process", "--overwrite")
@@ -121,16 +120,7 @@ def test_local_deployment_runs_on_a_process_worker(tmp_path):
         assert str(repo) in inspected  # the pull step's directory: where `deploy` ran
 
         # The worker starts elsewhere: the pull step alone puts the run in the workspace.
-        with open(worker_log, "w") as log:
-            worker = subprocess.Popen(
-                [str(BIN / "prefect"), "worker", "start", "--pool", POOL],
-                cwd=tmp_path,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        processes.append(worker)
+        spawn(worker_log, "worker", "start", "--pool", POOL)
 
         overrides = json.dumps(TINY_PIPELINE)
         try:

@@ -85,6 +85,8 @@ def test_a_model_that_stops_at_once_scores_as_expected(dataset: Path, tmp_path: 
     # The worst image is the one with the most objects (all missed).
     top = max(per_image, key=lambda r: r["true_count"])
     assert worst[0].startswith("01_") and top["abs_err"] == counts.max()
+    most = {r["id"] for r in per_image if r["true_count"] == counts.max()}
+    assert worst[0].removeprefix("01_").removesuffix(".png") in most
     assert json.loads((out / "calibration.json").read_text())[9]["steps"] == 7
 
 

@@ -109,6 +109,7 @@ class StepBatcher:
         self._closing = False
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="seqops-onnx")
+        self._run_features: dict[tuple[Job, ...], np.ndarray] = {}  # worker thread only
         self._request_s = 0.05  # moving average of a request's time, for Retry-After
 
     # -- admission ---------------------------------------------------------------------
@@ -227,22 +228,31 @@ class StepBatcher:
                 if len(job.initial_points):
                     rollout.points_norm = [tuple(p) for p in job.initial_points]
                     rollout.marks[0] = imaging.render_marks(
-                        np.asarray(job.initial_points), info.grid, info.mark_sigma
+                        np.asarray(job.initial_points), info.grid, sigma
                     )
                 job.sent = len(job.initial_points)
-            for job in newcomers:
-                job.encode_s = time.perf_counter() - t0
         t1 = time.perf_counter()
+        for job in newcomers:
+            job.encode_s = t1 - t0
         finished = []
+        # A run whose images are the same as last turn's reuses its stacked features (as
+        # Predictor.predict does): only the marks change between steps.
+        kept = {}
         for start in range(0, len(jobs), self.run_batch):
-            run = jobs[start : start + self.run_batch]
-            features = np.stack([job.rollout.features for job in run])
+            run = tuple(jobs[start : start + self.run_batch])
+            features = self._run_features.get(run)
+            if features is None:
+                features = np.stack([job.rollout.features for job in run])
             marks = np.stack([job.rollout.marks for job in run])
             xy, done = predictor.step(features, marks)
-            finished += [
+            run_finished = [
                 job.rollout.advance(xy[i], done[i], job.threshold, job.max_objects, sigma)
                 for i, job in enumerate(run)
             ]
+            if not any(run_finished):
+                kept[run] = features
+            finished += run_finished
+        self._run_features = kept
         return finished, t1 - t0, time.perf_counter() - t1
 
     def _drop_expired(self) -> None:

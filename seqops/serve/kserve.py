@@ -196,10 +196,12 @@ def _loop_options(parameters: dict[str, Any]) -> PredictOptions:
     try:
         return PredictOptions.model_validate(given)
     except ValidationError as exc:
-        detail = "; ".join(
-            f"parameters.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
-        )
-        raise ServeError(400, detail) from None
+        raise ServeError(400, _describe(exc, "parameters.")) from None
+
+
+def _describe(exc: ValidationError, prefix: str = "") -> str:
+    """A validation error as one line: ``<prefix><loc>: <msg>; ...``."""
+    return "; ".join(f"{prefix}{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
 
 
 def _parse_and_prepare(service: Service, body: bytes, header_length: str | None):
@@ -234,8 +236,7 @@ def parse_infer_request(body: bytes, header_length: str | None) -> tuple[InferRe
     try:
         req = InferRequest.model_validate_json(header)
     except ValidationError as exc:
-        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise ServeError(400, f"request: {detail}") from None
+        raise ServeError(400, f"request: {_describe(exc)}") from None
     raw, offset = {}, 0
     for tensor in req.inputs:
         size = (tensor.parameters or {}).get("binary_data_size")
