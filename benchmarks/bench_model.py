@@ -26,7 +26,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from seqops.config import ExportConfig
-from seqops.export import ENCODER_FILE, STEP_FILE, export_graphs
+from seqops.contract import ENCODER_FILE, STEP_FILE
+from seqops.export import export_graphs
 from seqops.model import ORDER_PRIORS, PRESETS, ModelSpec, SeqCounter
 
 

@@ -33,10 +33,11 @@ from PIL import Image
 from torch import nn
 
 from seqops import imaging
-from seqops.export import build_metadata, export_graph, export_model, make_untrained_model
+from seqops.export import build_metadata, export_graph, export_model
 from seqops.io import atomic_write_json
 from seqops.model import ModelSpec, SeqCounter
 from seqops.predictor import Predictor, session_options
+from seqops.testing import make_untrained_model
 
 OBJECTS = (0, 1, 5, 20, 50)
 

@@ -51,8 +51,9 @@ def free_port() -> int:
 
 def export_bench_model(out_dir: Path, image_size: int, preset: str) -> Path:
     """A random-init network whose done head never fires (count = max_objects)."""
-    from seqops.export import build_metadata, export_model, make_untrained_model
+    from seqops.export import build_metadata, export_model
     from seqops.model import ModelSpec
+    from seqops.testing import make_untrained_model
 
     spec = ModelSpec.from_preset(preset, image_size, False)
     model = make_untrained_model(spec, seed=0, done_bias=-12.0)

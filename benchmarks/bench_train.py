@@ -29,9 +29,9 @@ from torch import Tensor, nn
 from seqops.config import load_params
 from seqops.data.prepare import run_prepare
 from seqops.model import SeqCounter, StepOutput, spec_from_params
-from seqops.train import ManyStepNet
-from seqops.train_data import StepDataset, collate_steps
-from seqops.train_metrics import compute_step_losses, reduce_losses
+from seqops.training.data import StepDataset, collate_steps
+from seqops.training.train import ManyStepNet
+from seqops.training.validation import compute_step_losses, reduce_losses
 
 
 class OneStepPerForward(ManyStepNet):

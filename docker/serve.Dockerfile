@@ -41,9 +41,11 @@ RUN --mount=type=secret,id=pip_cert \
     if [ -n "${ORT_EXTRAS}" ]; then echo "onnxruntime-gpu[${ORT_EXTRAS}]" >> /tmp/requirements.txt; fi; \
     /opt/venv/bin/pip install -c requirements/constraints.txt -r /tmp/requirements.txt
 
-# --- wheel: the package itself (the HTTP service is seqops.serve) as a wheel -----------------
+# --- wheel: the library (seqops) and the HTTP service (serve) as one wheel ------------------
 FROM deps AS wheel
 COPY seqops ./seqops
+COPY serve ./serve
+COPY flows ./flows
 RUN --mount=type=secret,id=pip_cert \
     --mount=type=cache,target=/root/.cache/pip,sharing=locked \
     set -eu; \

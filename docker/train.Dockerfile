@@ -67,6 +67,7 @@ RUN --mount=type=secret,id=pip_cert \
     rm /tmp/requirements.txt
 # The workspace: code and the pipeline's definition (a name in [] is optional: copied if present).
 COPY seqops ./seqops
+COPY serve ./serve
 COPY flows ./flows
 COPY params.yaml dvc.yaml dvc.loc[k] prefect.yam[l] .dvcignore .gitignore ./
 COPY .dvc/config .dvc/.gitignore ./.dvc/

@@ -96,7 +96,7 @@ def _register_data(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from seqops.train import run_train
+    from seqops.training.train import run_train
 
     metrics = run_train(
         _params(args),
@@ -256,7 +256,7 @@ def _register_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from seqops.serve.run import run_server  # lazy: fastapi/uvicorn only for this command
+    from serve.run import run_server  # lazy: fastapi/uvicorn only for this command
 
     return run_server(args)
 

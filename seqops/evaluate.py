@@ -10,7 +10,7 @@ until done), not the torch model. Outputs:
 - a report directory: ``per_image.jsonl``, ``calibration.json`` and ``worst/`` pictures of
   the worst images (predicted points numbered in RED, true points in GREEN).
 
-The metric definitions are in :mod:`seqops.metrics`.
+The metric definitions are in :mod:`seqops.scoring`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from seqops import imaging
-from seqops import metrics as M
+from seqops import scoring as M
 from seqops.config import Params
 from seqops.data.manifest import Record, manifest_path, read_dataset_info, read_manifest
 from seqops.io import atomic_directory, atomic_write_json

@@ -1,16 +1,10 @@
 """Export the best checkpoint to ONNX: two graphs, checked, parity-tested, registered.
 
-The exported model is a directory (the contract ``seqops.predictor`` loads)::
-
-    encoder.onnx   image [B,3,S,S] (+ exemplar_mask [B,1,g,g]) -> features [B,C,g,g]
-    step.onnx      features [B,C,g,g], marks [B,1,g,g] -> xy [B,2] (normalised), done [B] (prob.)
-    model.json     the metadata below plus export facts (opset, parity, file hashes)
-
-Both graphs carry the metadata key ``seqops`` (a JSON object: input size, normalisation,
-coordinate convention, done threshold, ordering, model version, training run id), so a
-graph found on its own still says how to feed it. The batch axis is dynamic; each file is
-self-contained (no external data). The stage fails, leaving nothing behind, when
-``onnx.checker`` (full check) or the torch/onnxruntime parity check fails.
+The exported model is a directory in the form ``seqops.contract`` defines (``encoder.onnx``,
+``step.onnx``, ``model.json``); both graphs carry the ``seqops`` metadata, so a graph found on
+its own still says how to feed it. Each file is self-contained (no external data). The
+stage fails, leaving nothing behind, when ``onnx.checker`` (full check) or the
+torch/onnxruntime parity check fails.
 
 MLflow: the model is logged into the training run with the ONNX flavour (the step graph is
 the flavour's ``model.onnx``; ``encoder.onnx``, ``step.onnx`` and ``model.json`` are its extra
@@ -35,22 +29,20 @@ from torch import nn
 
 from seqops import imaging
 from seqops.config import Params
+from seqops.contract import (
+    COORDINATES,
+    ENCODER_FILE,
+    INFO_FILE,
+    METADATA_FORMAT,
+    METADATA_KEY,
+    STEP_FILE,
+)
 from seqops.io import atomic_directory, atomic_write_json
 from seqops.model import ModelSpec, SeqCounter
 from seqops.parity import PARITY_BATCH, PARITY_MARKS, check_parity
 
 log = logging.getLogger(__name__)
 
-ENCODER_FILE = "encoder.onnx"
-STEP_FILE = "step.onnx"
-INFO_FILE = "model.json"
-METADATA_KEY = "seqops"  # the same key seqops.predictor reads
-METADATA_FORMAT = 1
-COORDINATES = (
-    "x, y normalised to [-1, 1] at the model input: x_norm = 2 * x_px / image_size - 1, with"
-    " continuous pixel coordinates (pixel i covers [i, i + 1)); the image is stretched to"
-    " image_size x image_size"
-)
 _TRACE_BATCH = 2
 
 
@@ -326,7 +318,7 @@ def run_export(
     Returns:
         The stage's output JSON: opset, parity, sizes, run id, registered version.
     """
-    from seqops.checkpoint import build_model, load_checkpoint
+    from seqops.training.checkpoint import build_model, load_checkpoint
 
     state = load_checkpoint(checkpoint_path)
     model = build_model(state)
@@ -376,32 +368,3 @@ def run_export(
     if metrics_path is not None:
         atomic_write_json(metrics_path, result)
     return result
-
-
-# Init scales of make_untrained_model's heads: a sharp heat map and a done value that moves
-# with the marks, so random networks trace varied, image-dependent loops in tests/benchmarks.
-HEAT_STD = 20.0
-DONE_STD = 5.0
-
-
-def make_untrained_model(
-    spec: ModelSpec, seed: int = 0, done_bias: float | None = None, peaked: bool = True
-) -> SeqCounter:
-    """A random-init network with chosen behaviour, for tests, benchmarks and smoke runs.
-
-    Args:
-        done_bias: replaces the done head's final bias: +20 says done at once, -20 never.
-        peaked: widen the heat head's and the done head's init, so the heat map has a
-            clear peak (a fresh network's near-uniform map puts every point at the centre)
-            and done varies from step to step.
-    """
-    torch.manual_seed(seed)
-    model = SeqCounter(spec)
-    with torch.no_grad():
-        if peaked:
-            nn.init.normal_(model.stepper.heat.weight, std=HEAT_STD)
-            nn.init.normal_(model.stepper.done[-1].weight, std=DONE_STD)
-        if done_bias is not None:
-            model.stepper.done[-1].weight.zero_()
-            model.stepper.done[-1].bias.fill_(done_bias)
-    return model.eval()

@@ -1,20 +1,19 @@
 """The iterative predictor on onnxruntime: encode once, step until done. No torch here.
 
 Serving and evaluation both run models through this module, so what is measured is
-what users get. A model is a directory with ``encoder.onnx`` and ``step.onnx`` (see
-``seqops.export``); it is loaded from a path or from the MLflow registry
-(``models:/seqops@champion``, ``models:/seqops/3``).
+what users get. A model is a directory in the form ``seqops.contract`` describes; it is
+loaded from a path or from the MLflow registry (``models:/seqops@champion``,
+``models:/seqops/3``). The loop itself is ``seqops.rollout``'s.
 """
 
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,54 +21,25 @@ import onnxruntime as ort
 from PIL import Image
 
 from seqops import imaging
+from seqops.contract import (
+    DEFAULT_MAX_OBJECTS,
+    ENCODER_FILE,
+    MAX_EXEMPLARS,
+    METADATA_KEY,
+    STEP_FILE,
+    ContractError,
+    ModelInfo,
+    is_model_dir,
+    parse_metadata,
+    require_model_dir,
+)
+from seqops.rollout import Rollout, run_rollouts
 
 log = logging.getLogger(__name__)
 
-METADATA_KEY = "seqops"
-DEFAULT_MAX_OBJECTS = 200
-MAX_EXEMPLARS = 3
 
-
-class PredictorError(ValueError):
+class PredictorError(ContractError):
     """A model cannot be loaded or a request does not fit the model; says which and why."""
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the exported model says about itself (ONNX metadata ``seqops``)."""
-
-    name: str
-    image_size: int
-    grid: int
-    mark_sigma: float
-    exemplars: bool
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    done_threshold: float
-    order: str
-    preset: str
-    model_version: str
-    run_id: str | None
-
-    @classmethod
-    def from_metadata(cls, meta: dict, source: str) -> ModelInfo:
-        try:
-            return cls(
-                name=str(meta.get("name", "seqops")),
-                image_size=int(meta["image_size"]),
-                grid=int(meta["grid"]),
-                mark_sigma=float(meta["mark_sigma"]),
-                exemplars=bool(meta["exemplars"]),
-                mean=tuple(float(v) for v in meta["mean"]),
-                std=tuple(float(v) for v in meta["std"]),
-                done_threshold=float(meta.get("done_threshold", 0.5)),
-                order=str(meta.get("order", "")),
-                preset=str(meta.get("preset", "")),
-                model_version=str(meta.get("model_version", "")),
-                run_id=meta.get("run_id"),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise PredictorError(f"{source}: metadata '{METADATA_KEY}' lacks {exc}") from None
 
 
 @dataclass
@@ -80,33 +50,6 @@ class PreparedImage:
     orig_size: tuple[int, int]  # (width, height)
     scale: tuple[float, float]  # model px = original px * scale
     exemplar_mask: np.ndarray | None  # float32 [1, g, g]
-
-
-@dataclass
-class Rollout:
-    """The state of one image's loop: its encoding, its marks, what it found so far."""
-
-    image: PreparedImage
-    features: np.ndarray  # [C, g, g]
-    marks: np.ndarray  # [1, g, g]
-    points_norm: list[tuple[float, float]] = field(default_factory=list)
-    done_probs: list[float] = field(default_factory=list)
-    stopped_by: str | None = None  # "done" | "max_objects" | "deadline"
-
-    def advance(
-        self, xy: np.ndarray, done: float, threshold: float, max_objects: int, sigma: float
-    ):
-        """Take one step's output; returns True when this image's loop has finished."""
-        self.done_probs.append(float(done))
-        if done > threshold:
-            self.stopped_by = "done"
-            return True
-        self.points_norm.append((float(xy[0]), float(xy[1])))
-        imaging.add_mark(self.marks[0], xy, sigma)
-        if len(self.points_norm) >= max_objects:
-            self.stopped_by = "max_objects"
-            return True
-        return False
 
 
 @dataclass
@@ -191,12 +134,10 @@ def resolve_model_dir(uri: str | Path) -> tuple[Path, str | None]:
     """
     text = str(uri)
     if "://" not in text and ":/" not in text:
-        path = Path(text)
-        if not (path / "encoder.onnx").is_file() or not (path / "step.onnx").is_file():
-            raise PredictorError(
-                f"{path}: not a model directory (needs encoder.onnx and step.onnx)"
-            )
-        return path, None
+        try:
+            return require_model_dir(Path(text)), None
+        except ContractError as exc:
+            raise PredictorError(str(exc)) from None
     import mlflow  # lazy: the registry client is only needed for registry URIs
 
     from seqops.tracking import resolve_tracking_uri
@@ -207,11 +148,9 @@ def resolve_model_dir(uri: str | Path) -> tuple[Path, str | None]:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=text))
     except Exception as exc:
         raise PredictorError(f"{text}: cannot download from MLflow ({exc})") from None
-    found = sorted(
-        p.parent for p in local.rglob("encoder.onnx") if (p.parent / "step.onnx").is_file()
-    )
+    found = sorted(p.parent for p in local.rglob(ENCODER_FILE) if is_model_dir(p.parent))
     if not found:
-        raise PredictorError(f"{text}: the MLflow model holds no encoder.onnx/step.onnx pair")
+        raise PredictorError(f"{text}: the MLflow model holds no {ENCODER_FILE}/{STEP_FILE} pair")
     return found[0], version
 
 
@@ -236,17 +175,11 @@ def read_metadata(path: Path | ort.InferenceSession, source: str | None = None) 
         session = path
     else:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    source = source or str(path)
     raw = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-    if raw is None:
-        raise PredictorError(f"{source}: no '{METADATA_KEY}' metadata (not a seqops export)")
     try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise PredictorError(f"{source}: metadata '{METADATA_KEY}' is not JSON ({exc})") from None
-    if not isinstance(meta, dict):
-        raise PredictorError(f"{source}: metadata '{METADATA_KEY}' is not a JSON object")
-    return meta
+        return parse_metadata(raw, source or str(path))
+    except ContractError as exc:
+        raise PredictorError(str(exc)) from None
 
 
 # --- the predictor ---------------------------------------------------------------------
@@ -278,21 +211,24 @@ class Predictor:
         providers = choose_providers(device)
         opts = session_options(threads, spin)
         try:
-            self._encoder = ort.InferenceSession(str(model_dir / "encoder.onnx"), opts, providers)
-            self._step = ort.InferenceSession(str(model_dir / "step.onnx"), opts, providers)
+            self._encoder = ort.InferenceSession(str(model_dir / ENCODER_FILE), opts, providers)
+            self._step = ort.InferenceSession(str(model_dir / STEP_FILE), opts, providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise PredictorError(f"{model_dir}: cannot load the ONNX graphs ({exc})") from None
         # Metadata from the sessions just opened (the encoder is not loaded twice); both
         # graphs must come from the same export, or features would not fit the step.
-        meta = read_metadata(self._encoder, str(model_dir / "encoder.onnx"))
-        if read_metadata(self._step, str(model_dir / "step.onnx")) != meta:
+        meta = read_metadata(self._encoder, str(model_dir / ENCODER_FILE))
+        if read_metadata(self._step, str(model_dir / STEP_FILE)) != meta:
             raise PredictorError(
-                f"{model_dir}: encoder.onnx and step.onnx carry different metadata"
+                f"{model_dir}: {ENCODER_FILE} and {STEP_FILE} carry different metadata"
                 " (graphs from two different exports)"
             )
         if version is not None:
             meta["model_version"] = version
-        self.info = ModelInfo.from_metadata(meta, str(model_dir / "encoder.onnx"))
+        try:
+            self.info = ModelInfo.from_metadata(meta, str(model_dir / ENCODER_FILE))
+        except ContractError as exc:
+            raise PredictorError(str(exc)) from None
         self.model_dir = model_dir
         self.provider = self._step.get_providers()[0]
         log.info("loaded %s (v%s) on %s", model_dir, self.info.model_version, self.provider)
@@ -360,37 +296,17 @@ class Predictor:
         xy, done = self._step.run(["xy", "done"], {"features": features, "marks": marks})
         return xy, done
 
-    def start(self, images: Sequence[PreparedImage]) -> list[Rollout]:
-        """Encode a batch and return one fresh :class:`Rollout` per image."""
-        return self._rollouts(images, self.encode(images))
-
-    def _rollouts(self, images: Sequence[PreparedImage], features: np.ndarray) -> list[Rollout]:
-        grid = self.info.grid
-        return [
-            Rollout(im, features[i], np.zeros((1, grid, grid), np.float32))
-            for i, im in enumerate(images)
-        ]
-
-    def advance(
-        self,
-        rollouts: Sequence[Rollout],
-        threshold: float,
-        max_objects: int,
-        features: np.ndarray | None = None,
-    ) -> list[bool]:
-        """One batched step for ``rollouts``; returns which of them finished.
-
-        ``features``, when given, is the rollouts' features already stacked: :meth:`predict`
-        keeps it between steps and re-stacks only when an image finishes, which saves a
-        copy of every feature map per step.
-        """
+    def start(
+        self, images: Sequence[PreparedImage], features: np.ndarray | None = None
+    ) -> list[Rollout]:
+        """One fresh :class:`Rollout` per image, holding its encoding (encoded here unless
+        ``features`` is given)."""
         if features is None:
-            features = np.stack([r.features for r in rollouts])
-        marks = np.stack([r.marks for r in rollouts])
-        xy, done = self.step(features, marks)
-        sigma = self.info.mark_sigma
+            features = self.encode(images)
+        grid, sigma = self.info.grid, self.info.mark_sigma
         return [
-            r.advance(xy[i], done[i], threshold, max_objects, sigma) for i, r in enumerate(rollouts)
+            Rollout.start(grid, sigma, image=im, features=features[i])
+            for i, im in enumerate(images)
         ]
 
     # -- the loop ---------------------------------------------------------------------
@@ -428,20 +344,10 @@ class Predictor:
             for im, ex in zip(images, exemplars, strict=True)
         ]
         t_prep = time.perf_counter()
-        features = self.encode(prepared)  # kept stacked: re-stacked only when an image finishes
-        rollouts = self._rollouts(prepared, features)
+        features = self.encode(prepared)
+        rollouts = self.start(prepared, features)
         t_enc = time.perf_counter()
-        active = list(rollouts)
-        while active:
-            if deadline is not None and time.monotonic() > deadline:
-                for r in active:
-                    r.stopped_by = "deadline"
-                break
-            finished = self.advance(active, threshold, max_objects, features)
-            if any(finished):
-                keep = [i for i, f in enumerate(finished) if not f]
-                active = [active[i] for i in keep]
-                features = features[keep]
+        run_rollouts(rollouts, self._stepper(features), threshold, max_objects, deadline)
         t_end = time.perf_counter()
         timings = {
             "prepare": 1e3 * (t_prep - t0),
@@ -450,6 +356,20 @@ class Predictor:
             "total": 1e3 * (t_end - t0),
         }
         return [self.finish(r, timings) for r in rollouts]
+
+    def _stepper(self, features: np.ndarray):
+        """The step for :func:`run_rollouts`. The rollouts' features stay stacked and are
+        re-sliced only when an image finishes (the active set only shrinks), which saves a
+        copy of every feature map per step."""
+        current = features
+
+        def step(active: np.ndarray, marks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            nonlocal current
+            if len(active) != len(current):
+                current = features[active]
+            return self.step(current, marks)
+
+        return step
 
     def finish(self, rollout: Rollout, timings_ms: dict[str, float]) -> Prediction:
         """Turn a finished rollout into a :class:`Prediction` in original pixels."""
@@ -475,8 +395,8 @@ class Predictor:
             (1.0, 1.0),
             np.zeros((1, grid, grid), np.float32) if self.info.exemplars else None,
         )
-        rollouts = self.start([blank])
-        self.advance(rollouts, 0.5, 1)
+        features = self.encode([blank])
+        run_rollouts(self.start([blank], features), self._stepper(features), 0.5, 1)
 
 
 def default_threads(workers: int = 1) -> int:

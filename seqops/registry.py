@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from seqops.contract import ENCODER_FILE, METADATA_KEY, MODEL_FILES, STEP_FILE
+
 log = logging.getLogger(__name__)
 
 REGISTERED_NAME = "seqops"
@@ -129,15 +131,13 @@ def log_model_to_mlflow(
     import onnx
 
     mlflow, client = _client()
-    from seqops.export import ENCODER_FILE, INFO_FILE, METADATA_KEY, STEP_FILE
-
     run_id, in_training_run = ensure_run(run_id, "export")
     metadata_fields = {k: v for k, v in info.items() if not isinstance(v, dict)}
     with mlflow.start_run(run_id=run_id):
         logged = mlflow.onnx.log_model(
             onnx.load(str(model_dir / STEP_FILE)),
             name=MODEL_ARTIFACT,
-            extra_files=[str(model_dir / f) for f in (ENCODER_FILE, STEP_FILE, INFO_FILE)],
+            extra_files=[str(model_dir / f) for f in MODEL_FILES],
             save_as_external_data=False,
             signature=_signature(info),
             metadata={METADATA_KEY: json.dumps(metadata_fields, sort_keys=True)},

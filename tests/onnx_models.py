@@ -14,16 +14,10 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
-from seqops.export import (
-    ENCODER_FILE,
-    INFO_FILE,
-    STEP_FILE,
-    build_metadata,
-    export_model,
-    export_step,
-    make_untrained_model,
-)
+from seqops.contract import ENCODER_FILE, INFO_FILE, STEP_FILE
+from seqops.export import build_metadata, export_model, export_step
 from seqops.model import ModelSpec
+from seqops.testing import make_untrained_model
 
 IMAGE_SIZE = 64
 OPSET = 18

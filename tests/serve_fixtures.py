@@ -17,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from seqops.serve import ServeSettings, create_app
+from serve import ServeSettings, create_app
 
 IMAGE_SIZE = 64
 NEVER_DONE_BIAS = -12.0
@@ -26,8 +26,9 @@ DONE_AT_ONCE_THRESHOLD = 1e-6  # below sigmoid(-12): the first step says done
 
 def export_test_model(out_dir: Path, exemplars: bool = False, image_size: int = IMAGE_SIZE) -> Path:
     """Export a random-init tiny network (done never fires) with the export stage's code."""
-    from seqops.export import build_metadata, export_model, make_untrained_model
+    from seqops.export import build_metadata, export_model
     from seqops.model import ModelSpec
+    from seqops.testing import make_untrained_model
 
     spec = ModelSpec.from_preset("tiny", image_size, exemplars)
     model = make_untrained_model(spec, seed=0, done_bias=NEVER_DONE_BIAS)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from seqops import checkpoint as ckpt
 from seqops.model import SeqCounter, spec_from_params
+from seqops.training import checkpoint as ckpt
 
 
 @pytest.fixture

@@ -14,10 +14,13 @@ from conftest import shrink_params
 from onnx_models import KINDS, exported, make_spec, torch_model
 
 from seqops import export as E
-from seqops.checkpoint import save_checkpoint
 from seqops.cli import main
 from seqops.config import ConfigError
+from seqops.contract import ENCODER_FILE, STEP_FILE
+from seqops.model import ModelSpec
 from seqops.parity import check_parity, parity_inputs
+from seqops.testing import make_untrained_model
+from seqops.training.checkpoint import save_checkpoint
 
 CONTRACT_KEYS = {
     "format", "name", "image_size", "grid", "mark_sigma", "exemplars", "mean", "std",
@@ -103,11 +106,11 @@ def test_parity_failure_fails_the_export_and_keeps_the_old_model(tmp_path, monke
 
     # Graphs of one network checked against another (other seed): a real mismatch.
     def write_plain_graphs(model, out_dir, opset, metadata):
-        for name in (E.ENCODER_FILE, E.STEP_FILE):
+        for name in (ENCODER_FILE, STEP_FILE):
             shutil.copy(plain_dir / name, out_dir / name)
 
     monkeypatch.setattr(E, "export_graphs", write_plain_graphs)
-    other = E.make_untrained_model(make_spec(), seed=1)
+    other = make_untrained_model(make_spec(), seed=1)
     with pytest.raises(E.ExportError, match="parity: torch and onnxruntime differ"):
         E.export_model(other, out, E.build_metadata(make_spec(), {}, 0.5, "x", None))
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
@@ -121,7 +124,7 @@ def test_opset_below_18_is_a_config_error():
 
 def write_checkpoint(tmp_path: Path, params, run_id: str | None = None) -> Path:
     spec = make_spec()
-    model = E.make_untrained_model(spec, seed=3)
+    model = make_untrained_model(spec, seed=3)
     path = tmp_path / "models" / "best.pt"
     save_checkpoint(
         path,
@@ -196,8 +199,8 @@ def test_exemplar_model_exports_with_its_mask_input():
 
 @pytest.mark.slow
 def test_pooled_head_exports_with_parity(tmp_path):
-    spec = E.ModelSpec.from_preset("tiny", 64, False, head="pooled")
-    model = E.make_untrained_model(spec, seed=0)
+    spec = ModelSpec.from_preset("tiny", 64, False, head="pooled")
+    model = make_untrained_model(spec, seed=0)
     info = E.export_model(model, tmp_path / "onnx", E.build_metadata(spec, {}, 0.5, "p", None))
     assert info["parity"]["passed"] and info["head"] == "pooled"
 

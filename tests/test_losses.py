@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from seqops.losses import (
+from seqops.training.losses import (
     done_loss,
     heatmap_loss,
     mse_loss,

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from seqops import metrics as M
+from seqops import scoring as M
 
 
 def test_match_points_pairs_within_radius_and_reports_distances():

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from seqops.config import AugmentConfig, SamplingConfig
+from seqops.data.sampling import augment_marks, choose_ks, sample_image_steps
 from seqops.imaging import pixels_to_norm, render_marks
-from seqops.sampling import augment_marks, choose_ks, sample_image_steps
 
 SIZE, GRID, SIGMA = 64, 8, 1.0
 POINTS_PX = np.array([[10, 10], [40, 12], [20, 40], [50, 50], [8, 56]], np.float32)

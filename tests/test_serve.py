@@ -27,9 +27,9 @@ from serve_fixtures import (
 )
 
 from seqops.predictor import Predictor
-from seqops.serve import ServeSettings, create_app
-from seqops.serve.batcher import DeadlineError, Job, QueueFullError, StepBatcher
-from seqops.serve.metrics import ServeMetrics
+from serve import ServeSettings, create_app
+from serve.batcher import DeadlineError, Job, QueueFullError, StepBatcher
+from serve.prometheus import ServeMetrics
 
 
 @pytest.fixture(scope="module")

@@ -14,15 +14,15 @@ import pytest
 import torch
 from conftest import ROOT, TINY_OVERRIDES, make_tiny_dataset, shrink_params
 
-from seqops import checkpoint as ckpt
 from seqops.cli import main
 from seqops.data.manifest import manifest_path, read_manifest, write_manifest
 from seqops.imaging import load_image, normalize_pixels, pixels_to_norm, render_marks
 from seqops.model import StepOutput
-from seqops.train import check_gradients, run_train, warn_uncounted_kinds
-from seqops.train_data import StepDataset, collate_steps
-from seqops.train_metrics import compute_step_losses, reduce_losses
-from seqops.train_state import EarlyStopping, resume_mismatch
+from seqops.training import checkpoint as ckpt
+from seqops.training.data import StepDataset, collate_steps
+from seqops.training.state import EarlyStopping, resume_mismatch
+from seqops.training.train import check_gradients, run_train, warn_uncounted_kinds
+from seqops.training.validation import compute_step_losses, reduce_losses
 
 # Plain settings for tests that compare runs: no schedule, no mark noise.
 PLAIN = ("train.lr_schedule=none", "train.rollout_images=0", "train.picture_samples=0")

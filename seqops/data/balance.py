@@ -18,7 +18,7 @@ from pathlib import Path
 
 from seqops.config import SamplingConfig
 from seqops.data.manifest import manifest_path, read_manifest
-from seqops.sampling import done_steps
+from seqops.data.sampling import done_steps
 
 RARE_SHARE = 0.10  # below this share of done = 1 examples, the report warns
 SUGGESTED_DONE_SHARE = 0.2

@@ -22,9 +22,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from seqops import __version__, imaging
 from seqops.predictor import Predictor
-from seqops.serve import kserve
-from seqops.serve.batcher import Job
-from seqops.serve.http_io import (
+from serve import kserve
+from serve.batcher import Job
+from serve.http_io import (
     ERROR_RESPONSES,
     BodyLimitMiddleware,
     image_body_doc,
@@ -32,8 +32,8 @@ from seqops.serve.http_io import (
     parse_options,
     read_image_request,
 )
-from seqops.serve.metrics import RequestMetricsMiddleware, ServeMetrics
-from seqops.serve.schemas import (
+from serve.prometheus import RequestMetricsMiddleware, ServeMetrics
+from serve.schemas import (
     NextJSON,
     NextOptions,
     NextResponse,
@@ -43,8 +43,8 @@ from seqops.serve.schemas import (
     StreamDone,
     StreamPoint,
 )
-from seqops.serve.service import ServeError, Service, as_serve_error, require_api_key
-from seqops.serve.settings import ServeSettings
+from serve.service import ServeError, Service, as_serve_error, require_api_key
+from serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import tempfile
 from pathlib import Path
 
 from seqops.predictor import PredictorError, resolve_model_dir
-from seqops.serve.metrics import MULTIPROC_ENV
-from seqops.serve.settings import DEFAULT_MODEL_URI, MIB, SETTINGS_ENV, ServeSettings
+from serve.prometheus import MULTIPROC_ENV
+from serve.settings import DEFAULT_MODEL_URI, MIB, SETTINGS_ENV, ServeSettings
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def run_server(args: argparse.Namespace) -> int:
         "log_level": "info",
     }
     if settings.workers == 1:
-        from seqops.serve.app import create_app
+        from serve.app import create_app
 
         uvicorn.run(create_app(settings), **common)
         return 0
@@ -107,7 +107,7 @@ def run_server(args: argparse.Namespace) -> int:
         os.environ[MULTIPROC_ENV] = own_metrics_dir
     try:
         uvicorn.run(
-            "seqops.serve.app:create_app_from_env",
+            "serve.app:create_app_from_env",
             factory=True,
             workers=settings.workers,
             **common,

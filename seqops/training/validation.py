@@ -17,15 +17,16 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from seqops import losses
 from seqops.config import Params, TrainConfig
+from seqops.data.sampling import sample_image_steps
 from seqops.draw import draw_rollout, draw_step
-from seqops.imaging import add_mark, norm_to_pixels, normalize_pixels
-from seqops.metrics import done_scores
+from seqops.imaging import norm_to_pixels, normalize_pixels
 from seqops.model import SeqCounter, StepOutput
-from seqops.runtime import autocast, to_device, worker_context
-from seqops.sampling import sample_image_steps
-from seqops.train_data import StepDataset, collate_steps
+from seqops.rollout import Rollout, run_rollouts
+from seqops.scoring import done_scores
+from seqops.training import losses
+from seqops.training.data import StepDataset, collate_steps
+from seqops.training.runtime import autocast, to_device, worker_context
 
 DONE_THRESHOLD = 0.5
 
@@ -146,13 +147,16 @@ def rollout(
     exemplar_masks: np.ndarray | None,
     max_steps: int,
     device: torch.device,
+    threshold: float,
 ) -> list[np.ndarray]:
-    """The served loop with the torch model: encode once, step until ``done > 0.5``.
+    """The served loop (``seqops.rollout``) with the torch model: encode once, step until
+    ``done > threshold``.
 
     Args:
         pixels: uint8 ``[R, S, S, 3]`` images at model size.
         exemplar_masks: ``[R, 1, g, g]`` or ``None``.
         max_steps: at most this many objects per image (a loop that never stops ends here).
+        threshold: the done threshold the exported model will carry.
 
     Returns:
         Per image, the found objects ``[n, 2]`` in normalised coordinates, in order.
@@ -161,25 +165,15 @@ def rollout(
     images = torch.from_numpy(normalize_pixels(pixels)).to(device)
     masks = None if exemplar_masks is None else torch.from_numpy(exemplar_masks).to(device)
     features = model.encode(images, masks)
-    count = len(pixels)
-    marks = np.zeros((count, 1, spec.grid, spec.grid), np.float32)
-    found: list[list[np.ndarray]] = [[] for _ in range(count)]
-    active = np.ones(count, bool)
-    for _ in range(max_steps):
-        idx = np.flatnonzero(active)
-        if len(idx) == 0:
-            break
-        index = torch.from_numpy(idx).to(device)
-        out = model.step(features.index_select(0, index), torch.from_numpy(marks[idx]).to(device))
-        done = torch.sigmoid(out.done_logit.float()).cpu().numpy()
-        xy = out.xy.float().cpu().numpy()
-        for j, i in enumerate(idx):
-            if done[j] > DONE_THRESHOLD:
-                active[i] = False  # done cannot switch back off
-            else:
-                found[i].append(xy[j])
-                add_mark(marks[i, 0], xy[j], spec.mark_sigma)
-    return [np.asarray(f, np.float32).reshape(-1, 2) for f in found]
+
+    def step(active: np.ndarray, marks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        index = torch.from_numpy(active).to(device)
+        out = model.step(features.index_select(0, index), torch.from_numpy(marks).to(device))
+        return out.xy.float().cpu().numpy(), torch.sigmoid(out.done_logit.float()).cpu().numpy()
+
+    rollouts = [Rollout.start(spec.grid, spec.mark_sigma) for _ in range(len(pixels))]
+    run_rollouts(rollouts, step, threshold, max_steps)
+    return [np.asarray(r.points_norm, np.float32).reshape(-1, 2) for r in rollouts]
 
 
 def score_counts(found: Iterable[np.ndarray], true_counts: Iterable[int]) -> dict[str, float]:
@@ -232,7 +226,8 @@ def validate(
         max_steps = 2 * max(
             params.prepare.max_objects, *(r.num_objects for r in val_ds.records[:count])
         )
-        found = rollout(model, val_ds.pixels[:count], masks, max_steps, device)
+        threshold = params.evaluate.done_threshold
+        found = rollout(model, val_ds.pixels[:count], masks, max_steps, device, threshold)
         scores = score_counts(found, (r.num_objects for r in val_ds.records[:count]))
         metrics.update({f"val/{k}": v for k, v in scores.items()})
     return metrics, found

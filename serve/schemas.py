@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from seqops.predictor import MAX_EXEMPLARS
+from seqops.contract import MAX_EXEMPLARS
 
 Box = Annotated[list[float], Field(min_length=4, max_length=4)]
 Point = Annotated[list[float], Field(min_length=2, max_length=2)]

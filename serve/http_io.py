@@ -15,8 +15,8 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from seqops.serve.schemas import ErrorResponse
-from seqops.serve.service import ServeError
+from serve.schemas import ErrorResponse
+from serve.service import ServeError
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "application/octet-stream")
 ERROR_RESPONSES = {

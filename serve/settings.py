@@ -1,7 +1,7 @@
 """Server settings: validated once when the server is built, passed down explicitly.
 
 ``seqops serve`` fills them from its flags. With ``--workers N`` uvicorn starts N fresh
-processes that import :func:`seqops.serve.app.create_app_from_env`; the settings reach
+processes that import :func:`serve.app.create_app_from_env`; the settings reach
 them as JSON in :data:`SETTINGS_ENV`, so every worker runs exactly what the command said.
 """
 
@@ -11,7 +11,7 @@ import os
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from seqops.predictor import DEFAULT_MAX_OBJECTS
+from seqops.contract import DEFAULT_MAX_OBJECTS
 
 SETTINGS_ENV = "SEQOPS_SERVE_SETTINGS"
 DEFAULT_MODEL_URI = "models:/seqops@champion"

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from seqops import imaging
-from seqops.predictor import Predictor, PreparedImage, Rollout
-from seqops.serve.metrics import ServeMetrics
+from seqops.predictor import Predictor, PreparedImage
+from seqops.rollout import Rollout
+from serve.prometheus import ServeMetrics
 
 log = logging.getLogger(__name__)
 
@@ -219,17 +220,14 @@ class StepBatcher:
         ``run_batch`` images)."""
         predictor = self.predictor
         info = predictor.info
-        sigma = info.mark_sigma
         t0 = time.perf_counter()
         if newcomers:
-            rollouts = predictor.start([job.image for job in newcomers])
-            for job, rollout in zip(newcomers, rollouts, strict=True):
-                job.rollout = rollout
-                if len(job.initial_points):
-                    rollout.points_norm = [tuple(p) for p in job.initial_points]
-                    rollout.marks[0] = imaging.render_marks(
-                        np.asarray(job.initial_points), info.grid, sigma
-                    )
+            features = predictor.encode([job.image for job in newcomers])
+            for job, job_features in zip(newcomers, features, strict=True):
+                job.rollout = Rollout.start(
+                    info.grid, info.mark_sigma, job.initial_points,
+                    image=job.image, features=job_features,
+                )  # fmt: skip
                 job.sent = len(job.initial_points)
         t1 = time.perf_counter()
         for job in newcomers:
@@ -246,7 +244,7 @@ class StepBatcher:
             marks = np.stack([job.rollout.marks for job in run])
             xy, done = predictor.step(features, marks)
             run_finished = [
-                job.rollout.advance(xy[i], done[i], job.threshold, job.max_objects, sigma)
+                job.rollout.advance(xy[i], done[i], job.threshold, job.max_objects)
                 for i, job in enumerate(run)
             ]
             if not any(run_finished):

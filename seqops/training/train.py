@@ -24,11 +24,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
-from seqops import checkpoint as ckpt
 from seqops.config import Params, TrainConfig
 from seqops.io import atomic_write_json
 from seqops.model import SeqCounter, StepOutput, spec_from_params
-from seqops.runtime import (
+from seqops.training import checkpoint as ckpt
+from seqops.training.data import VAL_SEED, StepDataset, collate_steps, fingerprint_dataset
+from seqops.training.runtime import (
     DistInfo,
     autocast,
     broadcast_values,
@@ -40,21 +41,20 @@ from seqops.runtime import (
     to_device,
     worker_context,
 )
-from seqops.train_data import VAL_SEED, StepDataset, collate_steps, fingerprint_dataset
-from seqops.train_metrics import (
-    compute_step_losses,
-    draw_rollout_pictures,
-    draw_val_pictures,
-    reduce_losses,
-    validate,
-)
-from seqops.train_state import (
+from seqops.training.state import (
     RESUME_MODES,
     EarlyStopping,
     final_metrics,
     json_safe,
     load_resume_state,
     write_plots_csv,
+)
+from seqops.training.validation import (
+    compute_step_losses,
+    draw_rollout_pictures,
+    draw_val_pictures,
+    reduce_losses,
+    validate,
 )
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 Each PNG is decoded once, when the split is loaded (a uint8 array of ``N x S x S x 3``),
 so epochs cost no decoding. An item is one image with ``steps_per_image`` steps drawn by
-:func:`seqops.sampling.sample_image_steps`; a batch stacks ``B`` images and ``B * K`` steps,
+:func:`seqops.data.sampling.sample_image_steps`; a batch stacks ``B`` images and ``B * K`` steps,
 with ``step_image`` saying which image each step belongs to (the model encodes the ``B``
 images once and steps ``B * K`` times).
 """
@@ -25,8 +25,8 @@ from seqops.data.manifest import (
     read_dataset_info,
     read_manifest,
 )
+from seqops.data.sampling import sample_image_steps
 from seqops.imaging import load_image, normalize_pixels, render_exemplar_mask
-from seqops.sampling import sample_image_steps
 
 # Validation steps come from this fixed seed, whatever train.seed is, so val/loss compares
 # across epochs and across runs.

@@ -114,7 +114,7 @@ def load_resume_state(
     ``auto``: resume when the file exists and matches (else warn and start afresh);
     ``never``: start afresh; ``require``: fail unless it can resume.
     """
-    from seqops import checkpoint as ckpt  # torch: only when a resume is considered
+    from seqops.training import checkpoint as ckpt  # torch: only when a resume is considered
 
     if mode not in RESUME_MODES:
         raise ValueError(f"resume={mode!r}: expected one of {', '.join(RESUME_MODES)}")

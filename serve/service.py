@@ -28,16 +28,16 @@ from seqops.predictor import (
     PreparedImage,
     default_threads,
 )
-from seqops.serve.batcher import (
+from serve.batcher import (
     DeadlineError,
     Job,
     QueueFullError,
     ShuttingDownError,
     StepBatcher,
 )
-from seqops.serve.metrics import ServeMetrics
-from seqops.serve.schemas import LoopOptions
-from seqops.serve.settings import ServeSettings
+from serve.prometheus import ServeMetrics
+from serve.schemas import LoopOptions
+from serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

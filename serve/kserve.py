@@ -24,8 +24,8 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from seqops import __version__
-from seqops.serve.batcher import Job
-from seqops.serve.schemas import (
+from serve.batcher import Job
+from serve.schemas import (
     InferRequest,
     InferResponse,
     KServeError,
@@ -33,7 +33,7 @@ from seqops.serve.schemas import (
     PredictOptions,
     ServerMetadata,
 )
-from seqops.serve.service import ServeError, Service, require_api_key
+from serve.service import ServeError, Service, require_api_key
 
 router = APIRouter(prefix="/v2", tags=["kserve v2"])
 

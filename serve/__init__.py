@@ -4,7 +4,7 @@
 ``ServeSettings`` holds what ``seqops serve``'s flags set.
 """
 
-from seqops.serve.app import create_app
-from seqops.serve.settings import ServeSettings
+from serve.app import create_app
+from serve.settings import ServeSettings
 
 __all__ = ["ServeSettings", "create_app"]

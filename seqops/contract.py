@@ -1,0 +1,102 @@
+"""The exported model's contract: what export writes and the predictor, the registry and the
+server read. Torch-free and onnxruntime-free, so every side imports it.
+
+A model is a directory::
+
+    encoder.onnx   image [B,3,S,S] (+ exemplar_mask [B,1,g,g]) -> features [B,C,g,g]
+    step.onnx      features [B,C,g,g], marks [B,1,g,g] -> xy [B,2] (normalised), done [B] (prob.)
+    model.json     the metadata below plus export facts (opset, parity, file hashes)
+
+Both graphs carry the metadata key ``seqops``: a JSON object with the input size, the grid,
+the mark radius, the normalisation, the coordinate convention (:data:`COORDINATES`), the done
+threshold, the order, the model version and the training run id. The batch axis is dynamic.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ENCODER_FILE = "encoder.onnx"
+STEP_FILE = "step.onnx"
+INFO_FILE = "model.json"
+MODEL_FILES = (ENCODER_FILE, STEP_FILE, INFO_FILE)
+METADATA_KEY = "seqops"
+METADATA_FORMAT = 1
+COORDINATES = (
+    "x, y normalised to [-1, 1] at the model input: x_norm = 2 * x_px / image_size - 1, with"
+    " continuous pixel coordinates (pixel i covers [i, i + 1)); the image is stretched to"
+    " image_size x image_size"
+)
+MAX_EXEMPLARS = 3  # exemplar boxes a model takes, as in FSC-147
+DEFAULT_MAX_OBJECTS = 200  # the loop's guard when a caller names none
+
+
+class ContractError(ValueError):
+    """A directory or a graph does not hold a seqops model; the message says which and why."""
+
+
+def is_model_dir(path: Path) -> bool:
+    """True when ``path`` holds both graphs of an export."""
+    return (path / ENCODER_FILE).is_file() and (path / STEP_FILE).is_file()
+
+
+def require_model_dir(path: Path) -> Path:
+    """``path``, or a :class:`ContractError` naming what is missing."""
+    if not is_model_dir(path):
+        raise ContractError(f"{path}: not a model directory (needs {ENCODER_FILE} and {STEP_FILE})")
+    return path
+
+
+def parse_metadata(raw: str | None, source: str) -> dict[str, Any]:
+    """The metadata object from the raw ``seqops`` property of a graph read from ``source``."""
+    if raw is None:
+        raise ContractError(f"{source}: no '{METADATA_KEY}' metadata (not a seqops export)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ContractError(f"{source}: metadata '{METADATA_KEY}' is not JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ContractError(f"{source}: metadata '{METADATA_KEY}' is not a JSON object")
+    return meta
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the exported model says about itself (the ``seqops`` metadata)."""
+
+    name: str
+    image_size: int
+    grid: int
+    mark_sigma: float
+    exemplars: bool
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    done_threshold: float
+    order: str
+    preset: str
+    model_version: str
+    run_id: str | None
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, Any], source: str) -> ModelInfo:
+        """Read the metadata of a graph from ``source``; a missing key is a ContractError."""
+        try:
+            return cls(
+                name=str(meta["name"]),
+                image_size=int(meta["image_size"]),
+                grid=int(meta["grid"]),
+                mark_sigma=float(meta["mark_sigma"]),
+                exemplars=bool(meta["exemplars"]),
+                mean=tuple(float(v) for v in meta["mean"]),
+                std=tuple(float(v) for v in meta["std"]),
+                done_threshold=float(meta["done_threshold"]),
+                order=str(meta["order"]),
+                preset=str(meta["preset"]),
+                model_version=str(meta["model_version"]),
+                run_id=meta.get("run_id"),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ContractError(f"{source}: metadata '{METADATA_KEY}' lacks {exc}") from None
