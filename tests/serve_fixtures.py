@@ -17,7 +17,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from serve import ServeSettings, create_app
+from serve.app import create_app
+from serve.settings import ServeSettings
 
 IMAGE_SIZE = 64
 NEVER_DONE_BIAS = -12.0

@@ -27,9 +27,10 @@ from serve_fixtures import (
 )
 
 from seqops.predictor import Predictor
-from serve import ServeSettings, create_app
+from serve.app import create_app
 from serve.batcher import DeadlineError, Job, QueueFullError, StepBatcher
 from serve.prometheus import ServeMetrics
+from serve.settings import ServeSettings
 
 
 @pytest.fixture(scope="module")
