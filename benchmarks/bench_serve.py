@@ -28,7 +28,6 @@ import os
 import platform
 import random
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,13 +39,7 @@ from pathlib import Path
 import httpx
 from PIL import Image, ImageDraw
 
-from seqops.io import atomic_write_json
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from seqops.io import atomic_write_json, free_port
 
 
 def export_bench_model(out_dir: Path, image_size: int, preset: str) -> Path:

@@ -1,5 +1,6 @@
 """Atomic writes: an output is written under a temporary name and renamed into place,
-so a failed or killed stage never leaves a half-written file or directory behind."""
+so a failed or killed stage never leaves a half-written file or directory behind. And
+``free_port``, for the servers the demo, the benchmarks and the tests start on loopback."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,3 +67,10 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now (for a server started next, on loopback)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]

@@ -1,16 +1,24 @@
-"""Shared fixtures: the real ``params.yaml`` shrunk for tests, and tiny prepared datasets.
+"""Shared fixtures and helpers (``from conftest import ...`` in any test directory).
 
-As in lightning-hydra-template: the real config is loaded once and shrunk (64 px images,
-two epochs, four images per batch, the tiny preset, CPU); outputs go to ``tmp_path``.
-``make_tiny_dataset`` writes a prepared dataset in the format of
-``seqops.data.manifest`` (dataset.json, <split>.jsonl, images/<split>/<id>.png) with a
-few dark discs per image, so training tests need neither the data stage nor the network.
+- The real ``params.yaml`` shrunk for tests, as in lightning-hydra-template: 64 px images,
+  two epochs, four images per batch, the tiny preset, CPU; outputs go to ``tmp_path``.
+- ``make_tiny_dataset``: a prepared dataset in the format of ``seqops.data.manifest``
+  (dataset.json, <split>.jsonl, images/<split>/<id>.png) with a few dark discs per image, so
+  training tests need neither the data stage nor a trained network.
+- ``exported_model(kind)``: real ONNX exports of random-init tiny networks whose done head
+  is fixed (:data:`TINY_MODELS`), exported once per session.
+- ``free_port``, ``make_png``: a loopback port for a server under test, a test image.
 """
 
 from __future__ import annotations
 
+import atexit
+import io
 import json
 import os
+import shutil
+import tempfile
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +28,9 @@ from PIL import Image, ImageDraw
 from seqops.config import Params, load_params
 from seqops.data.manifest import Record, manifest_path, write_manifest
 from seqops.data.ordering import order_points
+from seqops.io import free_port
+
+__all__ = ["free_port"]  # re-exported: tests take every helper from conftest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -160,3 +171,85 @@ def _isolated_mlflow(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.delenv("SEQOPS_PARENT_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+
+
+# --- tiny exported models ------------------------------------------------------------------
+
+TINY_IMAGE_SIZE = 64
+OPSET = 18
+# The done head's final bias fixes a model's behaviour: +20 says done at once; -12 never does
+# (max_objects then sets the count exactly), while a done_threshold below sigmoid(-12) ~ 6e-6
+# makes the same model say done at once. Not -20: onnxruntime's Sigmoid returns exactly 0
+# below about -18, and no threshold could then make it stop. ``None`` keeps the random,
+# image-dependent done head.
+NEVER_DONE_BIAS = -12.0
+DONE_AT_ONCE_THRESHOLD = 1e-6
+# kind -> (exemplars, done bias)
+TINY_MODELS = {
+    "plain": (False, None),
+    "done": (False, 20.0),
+    "never": (False, NEVER_DONE_BIAS),
+    "exemplars": (True, None),
+    "exemplars-never": (True, NEVER_DONE_BIAS),
+}
+
+
+@cache
+def _models_root() -> Path:
+    root = Path(tempfile.mkdtemp(prefix="seqops-test-models-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return root
+
+
+def tiny_spec(exemplars: bool = False, image_size: int = TINY_IMAGE_SIZE):
+    from seqops.model import ModelSpec
+
+    return ModelSpec.from_preset("tiny", image_size, exemplars)
+
+
+def tiny_metadata(kind: str, model_version: str | None = None) -> dict:
+    """The export metadata of ``kind`` (model version ``test-<kind>`` unless given)."""
+    from seqops.export import build_metadata
+
+    train_params = {"prepare": {"order": "reading_order", "row_height": 16.0}}
+    spec = tiny_spec(TINY_MODELS[kind][0])
+    return build_metadata(spec, train_params, 0.5, model_version or f"test-{kind}", run_id=None)
+
+
+def tiny_torch_model(kind: str):
+    """The torch network the ``kind`` export came from (same seed, same weights)."""
+    from seqops.testing import make_untrained_model
+
+    exemplars, done_bias = TINY_MODELS[kind]
+    return make_untrained_model(tiny_spec(exemplars), seed=0, done_bias=done_bias)
+
+
+@cache
+def exported_model(kind: str) -> tuple[Path, dict]:
+    """``(model_dir, model.json content)`` of a 64 px tiny model of ``kind``; read-only.
+
+    Exporting takes seconds, so each kind is exported once per session (into a temporary
+    directory removed at exit).
+    """
+    from seqops.export import export_model
+
+    spec = tiny_spec(TINY_MODELS[kind][0])
+    info = export_model(
+        tiny_torch_model(kind), _models_root() / kind, tiny_metadata(kind), opset=OPSET,
+        extra_info={"model_spec": spec.to_dict()},
+    )  # fmt: skip
+    return _models_root() / kind, info
+
+
+def make_png(width: int = 96, height: int = 64, seed: int = 0) -> bytes:
+    """A noisy RGB PNG of the given size (non-square by default)."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def png_pixels(png: bytes) -> np.ndarray:
+    """The RGB pixels of a PNG, uint8 ``[H, W, 3]``."""
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))

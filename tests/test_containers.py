@@ -13,7 +13,6 @@ import functools
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -22,6 +21,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import exported_model, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "container-tools.sh"
@@ -71,12 +71,6 @@ def predict_in_image(serve_image: str, model_dir: Path, image_path: Path, script
         "--entrypoint", "python3", serve_image, "-c", script,
     ).stdout  # fmt: skip
     return json.loads(out.strip().splitlines()[-1])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def write_tiny_model(model_dir: Path, image_size: int = 64, grid: int = 8) -> Path:
@@ -260,11 +254,10 @@ def test_serve_image_runs_the_predictor_on_a_mounted_model(
 @pytest.mark.slow
 def test_serve_image_matches_the_host_predictor_on_a_real_export(serve_image: str, tmp_path: Path):
     """A model from the export stage's own code answers the same in the image as on the host."""
-    from onnx_models import exported
 
     from seqops.predictor import Predictor
 
-    exported_dir, _ = exported("plain")
+    exported_dir, _ = exported_model("plain")
     model_dir = tmp_path / "export"
     shutil.copytree(exported_dir, model_dir)
     make_readable(model_dir)

@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import make_tiny_dataset, shrink_params
-from onnx_models import exported
+from conftest import exported_model, make_tiny_dataset, shrink_params
 from PIL import Image
 
 from seqops.cli import main
@@ -41,7 +40,7 @@ def test_a_model_that_stops_at_once_scores_as_expected(dataset: Path, tmp_path: 
     out = tmp_path / "reports"
     metrics = run_evaluate(
         params,
-        exported("done")[0],
+        exported_model("done")[0],
         dataset,
         metrics_path=tmp_path / "metrics.json",
         plots_dir=tmp_path / "plots",
@@ -92,7 +91,7 @@ def test_a_model_that_stops_at_once_scores_as_expected(dataset: Path, tmp_path: 
 
 def test_the_loop_guard_is_reported(dataset: Path):
     params = shrink_params("evaluate.max_objects=3", "evaluate.worst_images=0")
-    metrics = run_evaluate(params, exported("never")[0], dataset, track=False, device="cpu")
+    metrics = run_evaluate(params, exported_model("never")[0], dataset, track=False, device="cpu")
     assert metrics["num_predictions"] == 3 * 7
     assert metrics["stop_guard_rate"] == 1.0
     assert metrics["steps_per_image"] == 3.0
@@ -129,7 +128,7 @@ def test_evaluate_image_on_a_perfect_rollout():
 def test_dataset_at_another_size_is_refused(tmp_path: Path):
     small = make_tiny_dataset(tmp_path / "small", 0, 0, 1, image_size=32, radius=2)
     with pytest.raises(EvaluateError, match="image_size 32 differs from the model's 64"):
-        run_evaluate(shrink_params(), exported("done")[0], small, track=False)
+        run_evaluate(shrink_params(), exported_model("done")[0], small, track=False)
 
 
 def test_evaluate_cli(dataset: Path, tmp_path: Path, capsys):
@@ -137,7 +136,7 @@ def test_evaluate_cli(dataset: Path, tmp_path: Path, capsys):
     params_path.write_text("evaluate:\n  worst_images: 1\n")
     code = main(
         [
-            "evaluate", "--params", str(params_path), "--model", str(exported("done")[0]),
+            "evaluate", "--params", str(params_path), "--model", str(exported_model("done")[0]),
             "--data", str(dataset), "--metrics", str(tmp_path / "m.json"),
             "--plots", str(tmp_path / "plots"), "--out", str(tmp_path / "out"), "--no-mlflow",
         ]
@@ -148,7 +147,7 @@ def test_evaluate_cli(dataset: Path, tmp_path: Path, capsys):
 
 
 def with_run_id(model_dir: Path, run_id: str, dest: Path) -> Path:
-    """A copy of an exported model whose metadata names ``run_id`` as its training run."""
+    """A copy of an exported_model model whose metadata names ``run_id`` as its training run."""
     dest.mkdir()
     for name in ("encoder.onnx", "step.onnx"):
         graph = onnx.load(model_dir / name)
@@ -169,7 +168,7 @@ def test_metrics_and_report_go_to_the_training_run(dataset, tmp_path, mlflow_uri
 
     training = start_run({}, {"dvc_stage": "train"}, run_name="train")
     training.finish()
-    model_dir = with_run_id(exported("done")[0], training.run_id, tmp_path / "onnx")
+    model_dir = with_run_id(exported_model("done")[0], training.run_id, tmp_path / "onnx")
     params = shrink_params("evaluate.worst_images=2")
     metrics = run_evaluate(
         params, model_dir, dataset, plots_dir=tmp_path / "plots", out_dir=tmp_path / "out"
@@ -194,11 +193,11 @@ def test_an_exemplar_model_is_evaluated_with_each_records_boxes(tmp_path: Path):
     records[2] = Record(**{**records[2].__dict__, "exemplars": ()})
     with open(manifest_path(root, "test"), "w") as f:
         f.writelines(r.to_json() + "\n" for r in records)
-    predictor = Predictor(exported("exemplars")[0], device="cpu", threads=1)
+    predictor = Predictor(exported_model("exemplars")[0], device="cpu", threads=1)
     prepared = [prepare_record(predictor, root, r) for r in records]
     assert prepared[0].exemplar_mask.sum() > 0
     assert prepared[1].exemplar_mask.sum() > 0  # clipped to the image, not refused
     assert prepared[2].exemplar_mask.sum() == 0  # training's empty mask
     params = shrink_params("evaluate.max_objects=4", "evaluate.worst_images=1")
-    metrics = run_evaluate(params, exported("exemplars")[0], root, track=False, device="cpu")
+    metrics = run_evaluate(params, exported_model("exemplars")[0], root, track=False, device="cpu")
     assert metrics["num_images"] == 3

@@ -10,8 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import shrink_params
-from onnx_models import KINDS, exported, make_spec, torch_model
+from conftest import TINY_MODELS, exported_model, shrink_params, tiny_spec, tiny_torch_model
 
 from seqops import export as E
 from seqops.cli import main
@@ -36,7 +35,7 @@ def graph_io(model: onnx.ModelProto, which: str) -> dict[str, list]:
 
 
 def test_export_writes_two_checked_self_describing_graphs():
-    model_dir, info = exported("plain")
+    model_dir, info = exported_model("plain")
     assert sorted(p.name for p in model_dir.iterdir()) == [
         "encoder.onnx",
         "model.json",
@@ -73,7 +72,7 @@ def test_export_writes_two_checked_self_describing_graphs():
 
 
 def test_graphs_take_any_batch_size_and_output_probabilities():
-    model_dir, _ = exported("plain")
+    model_dir, _ = exported_model("plain")
     encoder = ort.InferenceSession(
         str(model_dir / "encoder.onnx"), providers=["CPUExecutionProvider"]
     )
@@ -89,10 +88,12 @@ def test_graphs_take_any_batch_size_and_output_probabilities():
 
 
 def test_parity_is_measured_with_zero_one_and_many_marks():
-    model_dir, _ = exported("plain")
-    diffs = check_parity(torch_model("plain"), model_dir / "encoder.onnx", model_dir / "step.onnx")
+    model_dir, _ = exported_model("plain")
+    diffs = check_parity(
+        tiny_torch_model("plain"), model_dir / "encoder.onnx", model_dir / "step.onnx"
+    )
     assert max(diffs.values()) <= 1e-4
-    inputs = parity_inputs(make_spec())
+    inputs = parity_inputs(tiny_spec())
     assert [int(inputs[k].max() > 0) for k in ("marks_0", "marks_1", "marks_many")] == [0, 1, 1]
     # "Many" marks cover much more of the grid than one.
     assert (inputs["marks_many"] > 0.5).sum() > 10 * (inputs["marks_1"] > 0.5).sum()
@@ -102,7 +103,7 @@ def test_parity_failure_fails_the_export_and_keeps_the_old_model(tmp_path, monke
     out = tmp_path / "onnx"
     out.mkdir()
     (out / "keep.txt").write_text("the previous export")
-    plain_dir, _ = exported("plain")
+    plain_dir, _ = exported_model("plain")
 
     # Graphs of one network checked against another (other seed): a real mismatch.
     def write_plain_graphs(model, out_dir, opset, metadata):
@@ -110,9 +111,9 @@ def test_parity_failure_fails_the_export_and_keeps_the_old_model(tmp_path, monke
             shutil.copy(plain_dir / name, out_dir / name)
 
     monkeypatch.setattr(E, "export_graphs", write_plain_graphs)
-    other = make_untrained_model(make_spec(), seed=1)
+    other = make_untrained_model(tiny_spec(), seed=1)
     with pytest.raises(E.ExportError, match="parity: torch and onnxruntime differ"):
-        E.export_model(other, out, E.build_metadata(make_spec(), {}, 0.5, "x", None))
+        E.export_model(other, out, E.build_metadata(tiny_spec(), {}, 0.5, "x", None))
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".onnx.")]  # no temp left
 
@@ -123,7 +124,7 @@ def test_opset_below_18_is_a_config_error():
 
 
 def write_checkpoint(tmp_path: Path, params, run_id: str | None = None) -> Path:
-    spec = make_spec()
+    spec = tiny_spec()
     model = make_untrained_model(spec, seed=3)
     path = tmp_path / "models" / "best.pt"
     save_checkpoint(
@@ -187,8 +188,8 @@ def test_export_of_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_exemplar_model_exports_with_its_mask_input():
-    model_dir, info = exported("exemplars")
-    assert KINDS["exemplars"][0] is True and info["exemplars"] is True
+    model_dir, info = exported_model("exemplars")
+    assert TINY_MODELS["exemplars"][0] is True and info["exemplars"] is True
     encoder = onnx.load(model_dir / "encoder.onnx")
     assert graph_io(encoder, "input") == {
         "image": ["batch", 3, 64, 64],

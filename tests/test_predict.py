@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from onnx_models import exported
+from conftest import exported_model
 from PIL import Image
 
 from seqops.cli import main
@@ -28,7 +28,7 @@ def test_predict_prints_one_json_line_per_image_and_draws_them(tmp_path: Path, c
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image")
     out = tmp_path / "annotated"
-    model = str(exported("never")[0])
+    model = str(exported_model("never")[0])
     args = ["predict", str(square), str(broken), str(wide), "--model", model]
     code = main([*args, "--out", str(out), "--max-objects", "4", "--device", "cpu"])
     assert code == 1  # one image failed, the others were still counted
@@ -52,7 +52,7 @@ def test_predict_prints_one_json_line_per_image_and_draws_them(tmp_path: Path, c
 def test_predict_counts_an_image_with_nothing_in_it(tmp_path: Path, capsys):
     blank = tmp_path / "blank.png"
     Image.new("RGB", (90, 40), (255, 255, 255)).save(blank)
-    assert main(["predict", str(blank), "--model", str(exported("done")[0])]) == 0
+    assert main(["predict", str(blank), "--model", str(exported_model("done")[0])]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["count"] == 0 and result["points"] == [] and result["stopped_by"] == "done"
 
@@ -76,7 +76,7 @@ def test_parse_exemplars(tmp_path: Path):
 
 def test_exemplars_for_a_model_without_them_are_reported_per_image(tmp_path: Path, capsys):
     image = write_image(tmp_path / "im.png", (64, 64))
-    model = str(exported("done")[0])
+    model = str(exported_model("done")[0])
     code = main(["predict", str(image), "--model", model, "--exemplars", "[[1, 1, 9, 9]]"])
     assert code == 1
     assert "trained without exemplars" in json.loads(capsys.readouterr().out)["error"]
@@ -87,7 +87,7 @@ def test_the_console_script_counts_a_jpeg(tmp_path: Path):
     image = write_image(tmp_path / "photo.jpeg", (120, 80))
     seqops = Path(sys.executable).parent / "seqops"
     proc = subprocess.run(
-        [str(seqops), "predict", str(image), "--model", str(exported("never")[0])],
+        [str(seqops), "predict", str(image), "--model", str(exported_model("never")[0])],
         capture_output=True,
         text=True,
         timeout=120,

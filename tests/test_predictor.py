@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from onnx_models import IMAGE_SIZE, exported, metadata_for, torch_model
+from conftest import TINY_IMAGE_SIZE, exported_model, tiny_metadata, tiny_torch_model
 from PIL import Image
 
 from seqops import imaging
@@ -22,7 +22,7 @@ from seqops.predictor import Predictor, PredictorError, cuda_usable
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def random_image(seed: int, size=(IMAGE_SIZE, IMAGE_SIZE)) -> Image.Image:
+def random_image(seed: int, size=(TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)) -> Image.Image:
     rng = np.random.default_rng(seed)
     width, height = size
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
@@ -30,7 +30,7 @@ def random_image(seed: int, size=(IMAGE_SIZE, IMAGE_SIZE)) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def plain() -> Predictor:
-    return Predictor(exported("plain")[0], device="cpu", threads=1)
+    return Predictor(exported_model("plain")[0], device="cpu", threads=1)
 
 
 def stop_step(done_probs: list[float], threshold: float, max_objects: int) -> int:
@@ -43,10 +43,10 @@ def stop_step(done_probs: list[float], threshold: float, max_objects: int) -> in
 
 def test_loop_matches_a_torch_loop(plain: Predictor):
     """Torch/ONNX parity of the whole loop: encode once, step, mark, repeat."""
-    model = torch_model("plain")
+    model = tiny_torch_model("plain")
     image = random_image(1)
     pred = plain.predict([image], max_objects=6, done_threshold=0.99)[0]
-    pixels, _ = imaging.resize_for_model(image, IMAGE_SIZE)
+    pixels, _ = imaging.resize_for_model(image, TINY_IMAGE_SIZE)
     spec = model.spec
     points: list[np.ndarray] = []
     with torch.no_grad():
@@ -55,7 +55,7 @@ def test_loop_matches_a_torch_loop(plain: Predictor):
             marks = imaging.render_marks(np.asarray(points), spec.grid, spec.mark_sigma)
             out = model.step(features, torch.from_numpy(marks)[None, None])
             points.append(out.xy[0].numpy())
-    expected = imaging.norm_to_pixels(np.asarray(points), IMAGE_SIZE)
+    expected = imaging.norm_to_pixels(np.asarray(points), TINY_IMAGE_SIZE)
     assert pred.count == 6
     np.testing.assert_allclose(np.asarray(pred.points_model), expected, atol=1e-2)
     # A peaked random head does not put every point in the same place.
@@ -79,8 +79,8 @@ def test_loop_stops_on_done(plain: Predictor):
 
 
 def test_done_model_stops_at_once_on_an_image_with_no_objects():
-    predictor = Predictor(exported("done")[0], device="cpu", threads=1)
-    blank = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (200, 200, 200))
+    predictor = Predictor(exported_model("done")[0], device="cpu", threads=1)
+    blank = Image.new("RGB", (TINY_IMAGE_SIZE, TINY_IMAGE_SIZE), (200, 200, 200))
     pred = predictor.predict([blank])[0]
     assert pred.count == 0
     assert pred.points == [] and pred.points_model == []
@@ -89,7 +89,7 @@ def test_done_model_stops_at_once_on_an_image_with_no_objects():
 
 
 def test_max_objects_guards_a_loop_that_never_says_done():
-    predictor = Predictor(exported("never")[0], device="cpu", threads=1)
+    predictor = Predictor(exported_model("never")[0], device="cpu", threads=1)
     pred = predictor.predict([random_image(3)], max_objects=7)[0]
     assert pred.count == 7
     assert pred.stopped_by == "max_objects"
@@ -105,11 +105,11 @@ def test_points_map_back_to_original_pixels_for_non_square_images(plain: Predict
     image = random_image(4, size=(128, 32))  # stretched 2x narrower, 2x taller
     pred = plain.predict([image], max_objects=5, done_threshold=0.999)[0]
     # The same image resized by hand: its points are the model-pixel points.
-    square = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+    square = image.resize((TINY_IMAGE_SIZE, TINY_IMAGE_SIZE), Image.Resampling.BILINEAR)
     ref = plain.predict([square], max_objects=5, done_threshold=0.999)[0]
     np.testing.assert_allclose(pred.points_model, ref.points_model, atol=1e-4)
     model_px = np.asarray(ref.points_model)
-    expected = model_px * np.array([128 / IMAGE_SIZE, 32 / IMAGE_SIZE])
+    expected = model_px * np.array([128 / TINY_IMAGE_SIZE, 32 / TINY_IMAGE_SIZE])
     np.testing.assert_allclose(pred.points, expected, atol=0.02)
     assert all(0 <= x <= 128 and 0 <= y <= 32 for x, y in pred.points)
 
@@ -151,7 +151,7 @@ def test_prediction_reports_timings_and_json(plain: Predictor, tmp_path: Path):
 
 def test_metadata_says_how_to_feed_the_model(plain: Predictor):
     info = plain.info
-    assert (info.image_size, info.grid) == (IMAGE_SIZE, IMAGE_SIZE // 8)
+    assert (info.image_size, info.grid) == (TINY_IMAGE_SIZE, TINY_IMAGE_SIZE // 8)
     assert info.mean == imaging.MEAN and info.std == imaging.STD
     assert info.done_threshold == 0.5
     assert info.model_version == "test-plain"
@@ -168,7 +168,7 @@ def test_exemplars_are_refused_by_a_model_trained_without(plain: Predictor):
 @pytest.mark.slow  # exports a second full model (seconds)
 def test_exemplars_are_required_and_checked_by_an_exemplar_model():
     image = random_image(6, size=(128, 96))
-    predictor = Predictor(exported("exemplars")[0], device="cpu", threads=1)
+    predictor = Predictor(exported_model("exemplars")[0], device="cpu", threads=1)
     with pytest.raises(PredictorError, match="none were given"):
         predictor.predict([image])
     with pytest.raises(PredictorError, match="1-3 boxes"):
@@ -183,12 +183,12 @@ def test_exemplars_are_required_and_checked_by_an_exemplar_model():
 
 @pytest.mark.slow  # exports a second full model (seconds)
 def test_exemplar_model_matches_torch_with_the_mask():
-    predictor = Predictor(exported("exemplars")[0], device="cpu", threads=1)
-    model = torch_model("exemplars")
+    predictor = Predictor(exported_model("exemplars")[0], device="cpu", threads=1)
+    model = tiny_torch_model("exemplars")
     image = random_image(7)
     box = [8.0, 8.0, 24.0, 20.0]
     prepared = predictor.prepare(image, [box])
-    mask = imaging.render_exemplar_mask([box], IMAGE_SIZE, model.spec.grid)
+    mask = imaging.render_exemplar_mask([box], TINY_IMAGE_SIZE, model.spec.grid)
     np.testing.assert_array_equal(prepared.exemplar_mask[0], mask)
     features = predictor.encode([prepared])
     with torch.no_grad():
@@ -203,10 +203,10 @@ def test_graphs_of_two_exports_are_refused(tmp_path: Path):
 
     mixed = tmp_path / "mixed"
     mixed.mkdir()
-    shutil.copy(exported("plain")[0] / "encoder.onnx", mixed / "encoder.onnx")
+    shutil.copy(exported_model("plain")[0] / "encoder.onnx", mixed / "encoder.onnx")
     # The step graph of another export: same network, another export's metadata.
-    step = onnx.load(exported("plain")[0] / "step.onnx")
-    other = json.dumps(metadata_for("plain", model_version="another-export"), sort_keys=True)
+    step = onnx.load(exported_model("plain")[0] / "step.onnx")
+    other = json.dumps(tiny_metadata("plain", model_version="another-export"), sort_keys=True)
     del step.metadata_props[:]
     onnx.helper.set_model_props(step, {"seqops": other})
     onnx.save(step, mixed / "step.onnx")
@@ -223,9 +223,9 @@ def test_device_cuda_is_refused_without_a_usable_gpu():
     if cuda_usable():
         pytest.skip("this host has a usable CUDA device")
     with pytest.raises(PredictorError, match="no usable CUDA"):
-        Predictor(exported("plain")[0], device="cuda")
+        Predictor(exported_model("plain")[0], device="cuda")
     with pytest.raises(PredictorError, match="expected auto, cuda or cpu"):
-        Predictor(exported("plain")[0], device="gpu")
+        Predictor(exported_model("plain")[0], device="gpu")
 
 
 def _run_python(code: str) -> subprocess.CompletedProcess:
@@ -256,7 +256,7 @@ def test_predictor_import_does_not_import_torch():
 def test_auto_device_picks_cpu_silently_on_a_cpu_host():
     if cuda_usable():
         pytest.skip("this host has a usable CUDA device")
-    model_dir = exported("plain")[0]
+    model_dir = exported_model("plain")[0]
     proc = _run_python(
         f"""
         import numpy as np
@@ -284,7 +284,7 @@ def test_load_by_mlflow_alias(mlflow_uri: str, tmp_path: Path, monkeypatch: pyte
     from seqops.registry import log_model_to_mlflow
 
     monkeypatch.chdir(tmp_path)
-    model_dir, info = exported("plain")
+    model_dir, info = exported_model("plain")
     registered = log_model_to_mlflow(model_dir, None, info)
     predictor = Predictor.load("models:/seqops@candidate", device="cpu", threads=1)
     assert predictor.info.model_version == registered["registered_version"]

@@ -10,7 +10,6 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,18 +20,13 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from serve_fixtures import make_png, png_pixels, session_model
+from conftest import free_port
+from serve_fixtures import MODEL_VERSION, make_png, png_pixels, serve_model
 from tritonclient.utils import InferenceServerException
 
 pytestmark = pytest.mark.e2e
 
 PNG = make_png(96, 64)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def seqops_command() -> list[str]:
@@ -82,7 +76,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return session_model(tmp_path_factory)
+    return serve_model()
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +98,7 @@ def test_plain_http_endpoints(server):
     )
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["count"] == 3 and body["model"]["version"] == "test-1"
+    assert body["count"] == 3 and body["model"]["version"] == MODEL_VERSION
     with httpx.stream(
         "POST",
         f"{server.base}/predict/stream?max_objects=3",
@@ -122,7 +116,7 @@ def test_kserve_with_tritonclient(server):
     client = triton.InferenceServerClient(f"127.0.0.1:{server.port}")
     assert client.is_server_live() and client.is_server_ready()
     assert client.is_model_ready("seqops")
-    assert client.get_model_metadata("seqops")["versions"] == ["test-1"]
+    assert client.get_model_metadata("seqops")["versions"] == [MODEL_VERSION]
 
     pixels = png_pixels(PNG)
     as_pixels = triton.InferInput("image", list(pixels.shape), "UINT8")

@@ -12,13 +12,13 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 from flow_fixtures import BIN, TINY_PIPELINE, make_project_workspace, run
 
 from seqops.config import load_params
@@ -26,12 +26,6 @@ from seqops.config import load_params
 POOL = "seqops-process"  # prefect.yaml's work pool of the `local` deployment
 SERVER_START_TIMEOUT = 120  # seconds; a fresh database is migrated first (slow on 2 cores)
 RUN_TIMEOUT = 300
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_healthy(url: str, server: subprocess.Popen, log_path: Path) -> None:

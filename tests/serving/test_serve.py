@@ -1,4 +1,4 @@
-"""The HTTP service in-process: every endpoint and error path, against a real exported model.
+"""The HTTP service in-process: every endpoint and error path, against a real exported_model model.
 
 The model is a random-init tiny network whose done head never fires, so ``max_objects``
 sets the count exactly and a tiny ``done_threshold`` makes it stop at once (see
@@ -18,12 +18,13 @@ import pytest
 from fastapi.testclient import TestClient
 from serve_fixtures import (
     DONE_AT_ONCE_THRESHOLD,
+    MODEL_VERSION,
     PNG,
     PNG_HEADERS,
     expected,
     make_client,
     make_png,
-    session_model,
+    serve_model,
 )
 
 from seqops.predictor import Predictor
@@ -35,7 +36,7 @@ from serve.settings import ServeSettings
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return session_model(tmp_path_factory)
+    return serve_model()
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,7 @@ def test_predict_raw_multipart_and_json_give_the_predictors_answer(client, predi
         assert body["done_probs"] == pytest.approx(want.done_probs, abs=1e-4)
         assert body["model"] == {
             "name": "seqops",
-            "version": "test-1",
+            "version": MODEL_VERSION,
             "provider": "CPUExecutionProvider",
         }
         assert {"prepare", "queue", "encode", "steps", "total"} <= set(body["timings_ms"])
@@ -170,7 +171,7 @@ def test_stream_sends_points_then_the_final_record(client):
     assert [r["event"] for r in records] == ["point"] * 4 + ["done"]
     assert np.allclose([[r["x"], r["y"]] for r in records[:4]], plain["points"], atol=0.02)
     assert [r["index"] for r in records[:4]] == [0, 1, 2, 3]
-    assert records[-1]["count"] == 4 and records[-1]["model"]["version"] == "test-1"
+    assert records[-1]["count"] == 4 and records[-1]["model"]["version"] == MODEL_VERSION
 
     sse = client.post(
         "/predict/stream?max_objects=2",
@@ -228,7 +229,7 @@ def test_liveness_at_once_readiness_after_loading(model_dir, tmp_path):
             if c.get("/readyz").status_code == 200:
                 break
             time.sleep(0.05)
-        assert c.get("/readyz").json()["model"]["version"] == "test-1"
+        assert c.get("/readyz").json()["model"]["version"] == MODEL_VERSION
         assert c.get("/v2/health/ready").status_code == 200
         app.state.service.draining = True  # what SIGTERM does first
         assert c.get("/readyz").json() == {"ready": False, "reason": "shutting down"}
@@ -274,7 +275,7 @@ def test_metrics_count_requests_steps_and_batches(client):
     assert "seqops_step_seconds_count 6.0" in text
     assert "seqops_batch_size_bucket" in text and "seqops_queue_seconds_bucket" in text
     assert "seqops_inflight_requests 0.0" in text
-    assert 'provider="CPUExecutionProvider"' in text and 'version="test-1"' in text
+    assert 'provider="CPUExecutionProvider"' in text and f'version="{MODEL_VERSION}"' in text
 
 
 def test_openapi_documents_every_endpoint(client):

@@ -7,12 +7,11 @@ import dataclasses
 import json
 import logging
 import math
-import socket
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY_OVERRIDES, make_tiny_dataset, shrink_params
+from conftest import ROOT, TINY_OVERRIDES, free_port, make_tiny_dataset, shrink_params
 
 from seqops.cli import main
 from seqops.data.manifest import manifest_path, read_manifest, write_manifest
@@ -239,12 +238,6 @@ def test_done_is_higher_with_every_object_marked_than_with_none(tmp_path):
             gaps.append(done[1] - done[0])
     assert min(gaps) > 0, gaps
     assert np.mean(gaps) > 0.2, gaps
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_torchrun_environment_trains_with_ddp_on_gloo(tiny_dataset, tmp_path, monkeypatch):

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 from serve_fixtures import (
     DONE_AT_ONCE_THRESHOLD,
+    MODEL_VERSION,
     PNG,
     PNG_HEADERS,
     expected,
     make_client,
     make_png,
     png_pixels,
-    session_model,
+    serve_model,
 )
 from tritonclient.http import InferenceServerClient, InferInput
 
@@ -26,7 +27,7 @@ from seqops.predictor import Predictor
 
 @pytest.fixture(scope="module")
 def predictor(tmp_path_factory):
-    return Predictor.load(session_model(tmp_path_factory), device="cpu", threads=1)
+    return Predictor.load(serve_model(), device="cpu", threads=1)
 
 
 @pytest.fixture
@@ -43,10 +44,10 @@ def test_kserve_metadata_health_and_readiness(client):
     assert client.get("/v2/health/live").status_code == 200
     assert client.get("/v2/health/ready").status_code == 200
     meta = client.get("/v2/models/seqops").json()
-    assert meta["versions"] == ["test-1"]
+    assert meta["versions"] == [MODEL_VERSION]
     assert meta["inputs"] == [{"name": "image", "datatype": "UINT8", "shape": [-1, -1, 3]}]
     assert [o["name"] for o in meta["outputs"]] == ["count", "points"]
-    assert client.get("/v2/models/seqops/versions/test-1").status_code == 200
+    assert client.get(f"/v2/models/seqops/versions/{MODEL_VERSION}").status_code == 200
     assert client.get("/v2/models/seqops/ready").status_code == 200
     missing = client.get("/v2/models/other")
     assert missing.status_code == 404 and "serves 'seqops'" in missing.json()["error"]
@@ -63,7 +64,7 @@ def test_kserve_infer_json_tensors(client):
     plain = client.post("/predict?max_objects=3", content=PNG, headers=PNG_HEADERS).json()
     request = _uint8_request(png_pixels(PNG), id="req-7", parameters={"max_objects": 3})
     body = client.post("/v2/models/seqops/infer", json=request).json()
-    assert body["id"] == "req-7" and body["model_version"] == "test-1"
+    assert body["id"] == "req-7" and body["model_version"] == MODEL_VERSION
     outputs = {o["name"]: o for o in body["outputs"]}
     assert outputs["count"] == {"name": "count", "datatype": "INT32", "shape": [1], "data": [3]}
     assert outputs["points"]["shape"] == [3, 2] and outputs["points"]["datatype"] == "FP32"
@@ -134,7 +135,7 @@ def test_kserve_infer_errors(client, change, status, needle):
 
 
 def test_exemplar_model_requires_and_uses_boxes(tmp_path_factory):
-    ex_predictor = Predictor.load(session_model(tmp_path_factory, exemplars=True), threads=1)
+    ex_predictor = Predictor.load(serve_model(exemplars=True), threads=1)
     boxes = [[10, 10, 30, 30], [40, 20, 60, 50]]
     with make_client(ex_predictor) as c:
         missing = c.post("/predict", content=PNG, headers=PNG_HEADERS)
