@@ -1,9 +1,10 @@
 """Typed, frozen configuration read from ``params.yaml``.
 
-``params.yaml`` is the one source of every parameter. It is read into the frozen
-models below; an unknown key or a value of the wrong type is an error that names
-it. The CLI and the Prefect flow only override fields of these same models, with
-the ``section.key=value`` syntax of ``dvc exp run -S``.
+``params.yaml`` is the one source of every parameter and of every default: the models
+below define which keys exist, their types and bounds, but no values. Every key is
+required, so a missing, unknown or mistyped key is an error that names it. The CLI and
+the Prefect flow only override fields of these same models, with the
+``section.key=value`` syntax of ``dvc exp run -S``.
 """
 
 from __future__ import annotations
@@ -32,99 +33,100 @@ class _Section(BaseModel):
 
 
 class SyntheticConfig(_Section):
-    clutter: float = Field(0.3, ge=0, le=1)  # share of scenes whose objects may touch/overlap
-    distractor_share: float = Field(0.0, ge=0, le=1)  # scenes with a second, uncounted kind
-    num_exemplars: int = Field(3, ge=0, le=3)  # exemplar boxes per scene (FSC-147 has 3)
-    noise: float = Field(0.04, ge=0, le=1)  # background noise amplitude (share of 255)
+    clutter: float = Field(ge=0, le=1)  # share of scenes whose objects may touch/overlap
+    distractor_share: float = Field(ge=0, le=1)  # scenes with a second, uncounted kind
+    num_exemplars: int = Field(ge=0, le=3)  # exemplar boxes per scene (FSC-147 has 3)
+    noise: float = Field(ge=0, le=1)  # background noise amplitude (share of 255)
 
 
 class Fsc147Config(_Section):
-    root: str = "data/raw/FSC147"
-    classes: tuple[str, ...] = Field((), strict=False)  # YAML list; empty: every class
+    root: str
+    classes: tuple[str, ...] = Field(strict=False)  # YAML list; empty: every class
 
 
 class CocoConfig(_Section):
-    annotations: str = "data/raw/coco/annotations.json"
-    images_dir: str = "data/raw/coco/images"
-    categories: tuple[str, ...] = Field((), strict=False)  # YAML list; empty: every one
-    val_share: float = Field(0.1, ge=0, lt=1)
-    test_share: float = Field(0.1, ge=0, lt=1)
+    annotations: str
+    images_dir: str
+    categories: tuple[str, ...] = Field(strict=False)  # YAML list; empty: every one
+    val_share: float = Field(ge=0, lt=1)
+    test_share: float = Field(ge=0, lt=1)
 
 
 class PrepareConfig(_Section):
-    source: Literal["synthetic", "fsc147", "coco"] = "synthetic"
-    seed: int = 0
-    image_size: int = Field(384, ge=32, le=2048)
-    order: Literal["reading_order", "left_to_right", "nearest_neighbor"] = "reading_order"
-    row_height: float = Field(50.0, gt=0)  # px at model size (the research code's rows)
-    min_objects: int = Field(5, ge=0)
-    max_objects: int = Field(50, ge=1)
-    on_error: Literal["skip", "fail"] = "skip"
-    num_train: int = Field(800, ge=0)  # synthetic scenes per split
-    num_val: int = Field(100, ge=0)
-    num_test: int = Field(100, ge=0)
-    synthetic: SyntheticConfig = SyntheticConfig()
-    fsc147: Fsc147Config = Fsc147Config()
-    coco: CocoConfig = CocoConfig()
+    source: Literal["synthetic", "fsc147", "coco"]
+    seed: int
+    image_size: int = Field(ge=32, le=2048)
+    order: Literal["reading_order", "left_to_right", "nearest_neighbor"]
+    row_height: float = Field(gt=0)  # px at model size (the research code's rows)
+    min_objects: int = Field(ge=0)
+    max_objects: int = Field(ge=1)
+    on_error: Literal["skip", "fail"]
+    num_train: int = Field(ge=0)  # synthetic scenes per split
+    num_val: int = Field(ge=0)
+    num_test: int = Field(ge=0)
+    synthetic: SyntheticConfig
+    fsc147: Fsc147Config
+    coco: CocoConfig
 
 
 # --- sampling (read by prepare for its statistics and by train) -----------------
 
 
 class SamplingConfig(_Section):
-    steps_per_image: int = Field(8, ge=1)  # k values trained against one image encoding
-    done_share: float = Field(0.2, ge=0, le=1)  # share of those steps with k = N (done = 1)
+    steps_per_image: int = Field(ge=1)  # k values trained against one image encoding
+    done_share: float = Field(ge=0, le=1)  # share of those steps with k = N (done = 1)
 
 
 # --- model, train ---------------------------------------------------------------
 
 
 class ModelConfig(_Section):
-    preset: Literal["tiny", "base"] = "tiny"
-    exemplars: bool = False  # trained with exemplar boxes (count the exemplified kind)
-    head: Literal["heatmap", "pooled"] = "heatmap"  # pooled: the research's (x, y) MLP head
-    stride: int = Field(0, ge=0)  # feature-grid cell in px (4, 8, 16); 0: the preset's
-    peak_window: int = Field(-1, ge=-1)  # soft-argmax window half-width, cells; -1: preset's
+    preset: Literal["tiny", "base"]
+    exemplars: bool  # trained with exemplar boxes (count the exemplified kind)
+    head: Literal["heatmap", "pooled"]  # pooled: the research's (x, y) MLP head
+    # None (YAML null): the preset's value, resolved in seqops.model.spec_from_params.
+    stride: int | None = Field(ge=1)  # feature-grid cell in px (4, 8, 16)
+    peak_window: int | None = Field(ge=0)  # soft-argmax window half-width, cells; 0: whole grid
     # How the step finds the next object in the order (seqops.model.ORDER_PRIORS); "scan"
     # needs a positional prepare.order (not nearest_neighbor).
-    order_prior: Literal["none", "scan"] = "scan"
+    order_prior: Literal["none", "scan"]
 
 
 class LossConfig(_Section):
-    threshold: float = Field(0.1, gt=0)  # t: quadratic below, linear above (19 px at 384)
-    variant: Literal["research", "continuous"] = "research"
-    w_done: float = Field(3.0, ge=0)
-    pos_weight: float = Field(1.0, gt=0)  # BCE pos_weight for done = 1
-    w_heatmap: float = Field(1.0, ge=0)  # cross-entropy of the heat map against a Gaussian
-    heatmap_sigma: float = Field(1.0, gt=0)  # that Gaussian's radius, in feature-grid cells
+    threshold: float = Field(gt=0)  # t: quadratic below, linear above (19 px at 384)
+    variant: Literal["research", "continuous"]
+    w_done: float = Field(ge=0)
+    pos_weight: float = Field(gt=0)  # BCE pos_weight for done = 1
+    w_heatmap: float = Field(ge=0)  # cross-entropy of the heat map against a Gaussian
+    heatmap_sigma: float = Field(gt=0)  # that Gaussian's radius, in feature-grid cells
 
 
 class AugmentConfig(_Section):
     """Noise on the marks during training, so the loop recovers from its own small errors."""
 
-    mark_jitter_px: float = Field(2.5, ge=0)  # std of Gaussian jitter of each mark, model px
-    mark_drop_prob: float = Field(0.05, ge=0, le=1)  # a found object's mark goes missing
-    spurious_mark_prob: float = Field(0.05, ge=0, le=1)  # a mark lands where no object is
+    mark_jitter_px: float = Field(ge=0)  # std of Gaussian jitter of each mark, model px
+    mark_drop_prob: float = Field(ge=0, le=1)  # a found object's mark goes missing
+    spurious_mark_prob: float = Field(ge=0, le=1)  # a mark lands where no object is
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(16, ge=1)  # images per batch (each with sampling.steps_per_image)
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    max_norm: float = Field(1.0, gt=0)
-    lr_schedule: Literal["none", "cosine"] = "cosine"
-    patience: int = Field(5, ge=1)
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_workers: int = Field(0, ge=0)
-    num_threads: int = Field(0, ge=0)  # torch intra-op threads; 0 = torch's default (cores)
-    target: Literal["ordered", "nearest_unmarked"] = "ordered"
-    loss: LossConfig = LossConfig()
-    augment: AugmentConfig = AugmentConfig()
-    rollout_images: int = Field(16, ge=0)  # val images rolled out in full every epoch
-    picture_samples: int = Field(4, ge=0)  # val samples drawn to MLflow every epoch
-    max_minutes: float = Field(0.0, ge=0)  # wall-clock budget; 0 = none
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)  # images per batch (each with sampling.steps_per_image)
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    max_norm: float = Field(gt=0)
+    lr_schedule: Literal["none", "cosine"]
+    patience: int = Field(ge=1)
+    seed: int
+    device: Literal["auto", "cpu", "cuda"]
+    num_workers: int = Field(ge=0)
+    num_threads: int = Field(ge=0)  # torch intra-op threads; 0 = torch's default (cores)
+    target: Literal["ordered", "nearest_unmarked"]
+    loss: LossConfig
+    augment: AugmentConfig
+    rollout_images: int = Field(ge=0)  # val images rolled out in full every epoch
+    picture_samples: int = Field(ge=0)  # val samples drawn to MLflow every epoch
+    max_minutes: float = Field(ge=0)  # wall-clock budget; 0 = none
 
 
 # --- export, evaluate, promote ---------------------------------------------------
@@ -133,32 +135,32 @@ class TrainConfig(_Section):
 class ExportConfig(_Section):
     # torch's exporter (torch.export-based) implements opset >= 18; converting down to 17
     # fails on this network's Reduce ops, so 18 is the lowest that exports.
-    opset: int = Field(18, ge=18)
-    parity_tolerance: float = Field(1e-4, gt=0)
+    opset: int = Field(ge=18)
+    parity_tolerance: float = Field(gt=0)
 
 
 class EvaluateConfig(_Section):
-    match_radius_px: float = Field(8.0, gt=0)
-    done_threshold: float = Field(0.5, gt=0, lt=1)
-    max_objects: int = Field(200, ge=1)
-    worst_images: int = Field(4, ge=0)
+    match_radius_px: float = Field(gt=0)
+    done_threshold: float = Field(gt=0, lt=1)
+    max_objects: int = Field(ge=1)
+    worst_images: int = Field(ge=0)
 
 
 class PromoteConfig(_Section):
-    metric: str = "count_mae"
-    higher_is_better: bool = False
+    metric: str
+    higher_is_better: bool
 
 
 class Params(_Section):
     """Every section of ``params.yaml``."""
 
-    prepare: PrepareConfig = PrepareConfig()
-    sampling: SamplingConfig = SamplingConfig()
-    model: ModelConfig = ModelConfig()
-    train: TrainConfig = TrainConfig()
-    export: ExportConfig = ExportConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
-    promote: PromoteConfig = PromoteConfig()
+    prepare: PrepareConfig
+    sampling: SamplingConfig
+    model: ModelConfig
+    train: TrainConfig
+    export: ExportConfig
+    evaluate: EvaluateConfig
+    promote: PromoteConfig
 
 
 # --- loading ---------------------------------------------------------------------
@@ -215,9 +217,12 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str | tuple[str,
 
 
 def _describe(error: dict) -> str:
+    """One pydantic error as ``dotted.key: what is wrong``."""
     where = ".".join(str(p) for p in error["loc"])
     if error["type"] == "extra_forbidden":
         return f"{where}: unknown key"
+    if error["type"] == "missing":
+        return f"{where}: missing key (set it; the project's params.yaml lists every key)"
     return f"{where}: {error['msg']} (got {error.get('input')!r})"
 
 

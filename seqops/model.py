@@ -174,7 +174,10 @@ class ModelSpec:
     def from_preset(
         cls, preset: str, image_size: int, exemplars: bool, **overrides: Any
     ) -> ModelSpec:
-        """A named preset at ``image_size``; ``overrides`` replace preset fields (e.g. head)."""
+        """A named preset at ``image_size``; ``overrides`` replace preset fields (e.g. head).
+
+        An override of None keeps the preset's value (``model.stride: null`` in params.yaml).
+        """
         if preset not in PRESETS:
             raise ValueError(f"model preset {preset!r}: unknown (known: {sorted(PRESETS)})")
         fields = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
@@ -194,8 +197,9 @@ def spec_from_params(params: Params) -> ModelSpec:
         image_size=params.prepare.image_size,
         exemplars=model.exemplars,
         head=model.head,
-        stride=model.stride or None,  # 0: the preset's stride
-        peak_window=model.peak_window if model.peak_window >= 0 else None,
+        # None (params.yaml's null) keeps the preset's value: from_preset drops None overrides.
+        stride=model.stride,
+        peak_window=model.peak_window,
         order_prior=model.order_prior,
         order=params.prepare.order,
         row_height=params.prepare.row_height,

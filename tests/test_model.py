@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import shrink_params
 from torch.utils.flop_counter import FlopCounterMode
 
-from seqops.config import Params
 from seqops.data.ordering import order_indices
 from seqops.imaging import grid_centres, render_exemplar_mask, render_marks
 from seqops.model import (
@@ -94,7 +94,10 @@ def test_bad_shapes_name_the_input() -> None:
         model.step(features, torch.zeros(1, 1, 4, 4))
 
 
-@pytest.mark.parametrize("preset", sorted(PRESETS))
+# Counting FLOPs of a preset larger than tiny takes seconds (base: 2.5 s): slow.
+@pytest.mark.parametrize(
+    "preset", [pytest.param(p, marks=[pytest.mark.slow] * (p != "tiny")) for p in sorted(PRESETS)]
+)
 def test_step_costs_at_most_a_tenth_of_an_encoding(preset: str) -> None:
     """Counted FLOPs (robust under CPU load, unlike timing) at the real input size 384,
     with the scan over the order (the trained default; it adds ~0.03% of an encoding)."""
@@ -251,29 +254,28 @@ def test_spec_round_trip_and_validation() -> None:
 
 
 def test_spec_from_params() -> None:
-    params = Params.model_validate(
-        {"prepare": {"image_size": 256}, "model": {"preset": "base", "exemplars": True}}
-    )
+    params = shrink_params("prepare.image_size=256", "model.preset=base", "model.exemplars=true")
+    assert params.model.stride is None and params.model.peak_window is None  # params.yaml
     spec = spec_from_params(params)
     assert (spec.preset, spec.image_size, spec.exemplars) == ("base", 256, True)
     assert spec.head == "heatmap"
+    # null in params.yaml: the preset's stride and window.
     assert spec.stride == PRESETS["base"]["stride"] and spec.grid == 256 // spec.stride
     assert spec.peak_window == PRESETS["base"]["peak_window"]
-    assert spec.order_prior == "scan"  # the default
-    params = Params.model_validate(
-        {"model": {"head": "pooled", "stride": 16, "peak_window": 0, "order_prior": "scan"}}
-    )
+    assert spec.order_prior == "scan"  # params.yaml's
+    params = shrink_params(
+        "model.head=pooled", "model.stride=16", "model.peak_window=0", "model.order_prior=scan",
+        "prepare.order=reading_order", "prepare.row_height=50",
+    )  # fmt: skip
     spec = spec_from_params(params)
     assert (spec.head, spec.stride, spec.peak_window) == ("pooled", 16, 0)
     assert (spec.order_prior, spec.order, spec.row_height) == ("scan", "reading_order", 50.0)
-    params = Params.model_validate(
-        {"prepare": {"order": "left_to_right", "row_height": 30}, "model": {"order_prior": "none"}}
+    params = shrink_params(
+        "prepare.order=left_to_right", "prepare.row_height=30", "model.order_prior=none"
     )
     spec = spec_from_params(params)
     assert (spec.order_prior, spec.order, spec.row_height) == ("none", "left_to_right", 30.0)
-    params = Params.model_validate(
-        {"prepare": {"order": "nearest_neighbor"}, "model": {"order_prior": "scan"}}
-    )
+    params = shrink_params("prepare.order=nearest_neighbor", "model.order_prior=scan")
     with pytest.raises(ValueError, match=r"model.order_prior=scan .* set model.order_prior=none"):
         spec_from_params(params)
 

@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from seqops.config import PrepareConfig
+from seqops.contract import MAX_EXEMPLARS
 from seqops.data.manifest import Record
-from seqops.data.prepare import (
-    MAX_EXEMPLARS,
+from seqops.data.sources import (
     IssueLog,
     PrepareError,
     Sample,

@@ -18,7 +18,7 @@ and the ratios are not needed: the decoded file gives the size.
 
 Filters: ``min_objects``/``max_objects`` (5 and 50 in the research code) and
 ``fsc147.classes`` (empty: every class). Bad items are reported to the
-:class:`~seqops.data.prepare.IssueLog`: an image missing, corrupt, listed in two
+:class:`~seqops.data.sources.IssueLog`: an image missing, corrupt, listed in two
 splits or twice in one, without annotation, without points, with a point outside
 the image or the same point twice.
 """
@@ -34,7 +34,7 @@ import numpy as np
 
 from seqops.config import PrepareConfig
 from seqops.data.manifest import SPLITS, Record
-from seqops.data.prepare import (
+from seqops.data.sources import (
     IssueLog,
     PrepareError,
     Sample,

@@ -1,4 +1,4 @@
-"""A seeded, deterministic generator of countable scenes.
+"""The ``synthetic`` source: a seeded, deterministic generator of countable scenes.
 
 Each scene is a square canvas with a gradient + cloudy + noisy background and
 ``min_objects..max_objects`` objects of one *kind* (shape, colour, texture, size),
@@ -16,70 +16,34 @@ Options (``prepare.synthetic``):
   objects that are not occluded (FSC-147 gives three).
 
 A scene depends only on ``(seed, split, index)``: adding scenes or changing
-another split's size leaves it unchanged, and splits never share a scene.
+another split's size leaves it unchanged, and splits never share a scene. This module
+decides what a scene holds; :mod:`seqops.data.painting` paints it.
 """
 
 from __future__ import annotations
 
 import colorsys
-import math
+import multiprocessing
+import os
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, ImageDraw
 
 from seqops.config import PrepareConfig, SyntheticConfig
+from seqops.data.manifest import SPLITS, Record
+from seqops.data.painting import SHAPES, TEXTURES, ObjectKind, paint_background, paint_object
+from seqops.data.sources import IssueLog, Sample, encode_png
 
-
-def _regular(n: int, phase: float = -np.pi / 2) -> np.ndarray:
-    angles = phase + 2 * np.pi * np.arange(n) / n
-    return np.stack([np.cos(angles), np.sin(angles)], 1)
-
-
-def _star(tips: int = 5, inner: float = 0.45) -> np.ndarray:
-    radii = np.where(np.arange(2 * tips) % 2 == 0, 1.0, inner)
-    return _regular(2 * tips) * radii[:, None]
-
-
-def _cross(arm: float = 0.3, length: float = 0.95) -> np.ndarray:
-    """A plus sign: one arm's end and the inner corner after it, turned four times."""
-    quarter = np.array([[-arm, -length], [arm, -length], [arm, -arm]])
-    turn = np.array([[0, 1], [-1, 0]])  # (x, y) -> (-y, x): 90 degrees
-    parts = [quarter]
-    for _ in range(3):
-        parts.append(parts[-1] @ turn)
-    return np.concatenate(parts)
-
-
-# Unit polygons: every vertex within radius 1 of the centre, and every shape contains
-# its centre (the annotated point), so a point is always on its object.
-SHAPES: dict[str, np.ndarray] = {
-    "circle": _regular(32, phase=0.0),
-    "ellipse": _regular(32, phase=0.0) * np.array([1.0, 0.55]),
-    "square": _regular(4, phase=np.pi / 4),
-    "triangle": _regular(3),
-    "diamond": np.array([[0.0, -1.0], [0.62, 0.0], [0.0, 1.0], [-0.62, 0.0]]),
-    "star": _star(),
-    "hexagon": _regular(6),
-    "cross": _cross(),
-}
-TEXTURES = ("solid", "stripes", "dots", "checker", "shaded")
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
 # Share of the canvas covered by objects; a crowded scene is denser (more overlap).
 _DENSITY = {False: 0.2, True: 0.32}
 _RADIUS_RANGE = (0.016, 0.075)  # object radius bounds, share of the canvas side
 _MIN_CONTRAST = 90.0  # RGB distance between an object colour and the background ends
-
-
-@dataclass(frozen=True)
-class _Kind:
-    shape: str
-    colour: np.ndarray  # float32 RGB, 0..255
-    texture: str
-    radius: float  # mean radius, px
-    pattern_angle: float
+PARALLEL_MIN_SCENES = 64  # fewer scenes are generated in-process (no pool start-up)
 
 
 @dataclass(frozen=True)
@@ -114,6 +78,64 @@ def generate_scenes(cfg: PrepareConfig, split: str, count: int) -> Iterator[Scen
         yield generate_scene(rng, cfg.image_size, cfg.min_objects, cfg.max_objects, cfg.synthetic)
 
 
+def iter_synthetic(cfg: PrepareConfig, issues: IssueLog) -> Iterator[Sample]:
+    """The ``synthetic`` source: the scenes of every split, in order, as samples.
+
+    Generated in parallel when there are many. A generated scene is valid by construction,
+    so nothing is reported to ``issues``.
+    """
+    jobs = [
+        (cfg, split, index)
+        for split, count in zip(SPLITS, (cfg.num_train, cfg.num_val, cfg.num_test), strict=True)
+        for index in range(count)
+    ]
+    # Each scene depends only on (seed, split, index), so workers change speed, not output.
+    # Workers are forked: no re-import of __main__ (spawn breaks scripts without a main
+    # guard), and no start-up cost. Forking is only safe without other threads (a lock
+    # held by another thread stays locked in the child), so threaded callers run serially.
+    workers = min(os.cpu_count() or 1, 4)
+    can_fork = "fork" in multiprocessing.get_all_start_methods()
+    if (
+        workers < 2
+        or len(jobs) < PARALLEL_MIN_SCENES
+        or not can_fork
+        or threading.active_count() > 1
+    ):
+        yield from map(_scene_sample, jobs)
+        return
+    context = multiprocessing.get_context("fork")
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    try:
+        yield from pool.map(_scene_sample, jobs, chunksize=16)
+    finally:
+        # If the stage fails downstream, drop the scenes not started instead of waiting.
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _scene_sample(job: tuple[PrepareConfig, str, int]) -> Sample:
+    """Generate and encode one scene (runs in a worker process)."""
+    cfg, split, index = job
+    scene = generate_scene(
+        scene_rng(cfg.seed, split, index),
+        cfg.image_size,
+        cfg.min_objects,
+        cfg.max_objects,
+        cfg.synthetic,
+    )
+    scene_id = f"{split}-{index:06d}"
+    record = Record(
+        id=scene_id,
+        image="",
+        points=tuple((float(x), float(y)) for x, y in scene.points),
+        exemplars=tuple(tuple(round(float(v), 2) for v in b) for b in scene.exemplars),
+        orig_size=(cfg.image_size, cfg.image_size),
+        scale=(1.0, 1.0),
+        source="synthetic",
+        extra=scene.info,
+    )
+    return Sample(split, scene_id, encode_png(scene.pixels), record)
+
+
 def generate_scene(
     rng: np.random.Generator,
     image_size: int,
@@ -124,7 +146,59 @@ def generate_scene(
     """Generate one scene; the same generator state always gives the same scene."""
     if min_objects > max_objects:
         raise ValueError(f"min_objects {min_objects} > max_objects {max_objects}")
-    size = image_size
+    layout = _lay_out(rng, image_size, min_objects, max_objects, cfg)
+    canvas = paint_background(rng, image_size, layout.bg_ends)
+    counted_idx = np.flatnonzero(layout.kind_of == 0)
+    distractor_idx = np.flatnonzero(layout.kind_of == 1)
+    # Labels as Scene documents them: counted objects first, then the distractors.
+    label_of = np.empty(len(layout.kind_of), np.int16)
+    label_of[counted_idx] = np.arange(1, len(counted_idx) + 1)
+    label_of[distractor_idx] = len(counted_idx) + 1 + np.arange(len(distractor_idx))
+    labels, boxes, areas = _paint_objects(canvas, layout, label_of)
+    if cfg.noise > 0:
+        # Luminance noise: one field for the three channels (a third of the cost of three).
+        noise = rng.standard_normal(canvas.shape[:2], dtype=np.float32)
+        canvas += noise[:, :, None] * np.float32(cfg.noise * 255)
+    pixels = np.clip(canvas, 0, 255).astype(np.uint8)
+
+    visible = np.bincount(labels.ravel(), minlength=len(label_of) + 1)[label_of]
+    exemplars = _choose_exemplars(rng, counted_idx, visible / np.maximum(areas, 1), cfg)
+    counted, *distractor = layout.kinds
+    info = {
+        "shape": counted.shape,
+        "texture": counted.texture,
+        "clutter": layout.clutter,
+        "distractor_shape": distractor[0].shape if distractor else None,
+        "num_distractors": len(distractor_idx),
+    }
+    return Scene(
+        pixels=pixels,
+        points=layout.centres[counted_idx],
+        exemplars=boxes[exemplars].reshape(-1, 4),
+        labels=labels,
+        distractor_points=layout.centres[distractor_idx],
+        info=info,
+    )
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """A scene before painting: its kinds and each object's kind, place, size and pose."""
+
+    clutter: bool
+    bg_ends: tuple[np.ndarray, np.ndarray]
+    kinds: list[ObjectKind]  # the counted kind, then the distractor kind if the scene has one
+    kind_of: np.ndarray  # int [K], index into kinds, in painting order
+    centres: np.ndarray  # float64 [K, 2], model px
+    radii: np.ndarray  # float64 [K], px
+    angles: np.ndarray  # float64 [K], radians
+    brightness: np.ndarray  # float64 [K], colour factor
+
+
+def _lay_out(
+    rng: np.random.Generator, size: int, min_objects: int, max_objects: int, cfg: SyntheticConfig
+) -> _Layout:
+    """Draw the kinds, the object counts and every object's place, size and pose."""
     clutter = bool(rng.random() < cfg.clutter)
     num_counted = int(rng.integers(min_objects, max_objects + 1))
     has_distractors = bool(rng.random() < cfg.distractor_share) and num_counted > 0
@@ -147,44 +221,23 @@ def generate_scene(
     kind_of, centres, radii = kind_of[placed], centres[placed], radii[placed]
     angles = rng.uniform(0, 2 * np.pi, len(kind_of))
     brightness = rng.uniform(0.88, 1.12, len(kind_of))
+    return _Layout(clutter, bg_ends, kinds, kind_of, centres, radii, angles, brightness)
 
-    canvas = _background(rng, size, bg_ends)
+
+def _paint_objects(
+    canvas: np.ndarray, layout: _Layout, label_of: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Paint the objects in order; return the label map, each box and each pixel area."""
+    size = canvas.shape[0]
     labels = np.zeros((size, size), np.int16)
-    counted_idx = np.flatnonzero(kind_of == 0)
-    distractor_idx = np.flatnonzero(kind_of == 1)
-    label_of = np.empty(len(kind_of), np.int16)
-    label_of[counted_idx] = np.arange(1, len(counted_idx) + 1)
-    label_of[distractor_idx] = len(counted_idx) + 1 + np.arange(len(distractor_idx))
-    boxes = np.zeros((len(kind_of), 4))
-    areas = np.zeros(len(kind_of), np.int64)
-    for i in range(len(kind_of)):
-        boxes[i], areas[i] = _draw_object(
-            canvas, labels, kinds[kind_of[i]], centres[i], radii[i], angles[i], brightness[i],
-            int(label_of[i]),
+    boxes = np.zeros((len(label_of), 4))
+    areas = np.zeros(len(label_of), np.int64)
+    for i, kind in enumerate(layout.kind_of):
+        boxes[i], areas[i] = paint_object(
+            canvas, labels, layout.kinds[kind], layout.centres[i], layout.radii[i],
+            layout.angles[i], layout.brightness[i], int(label_of[i]),
         )  # fmt: skip
-    if cfg.noise > 0:
-        # Luminance noise: one field for the three channels (a third of the cost of three).
-        noise = rng.standard_normal((size, size), dtype=np.float32) * np.float32(cfg.noise * 255)
-        canvas += noise[:, :, None]
-    pixels = np.clip(canvas, 0, 255).astype(np.uint8)
-
-    visible = np.bincount(labels.ravel(), minlength=len(kind_of) + 1)[label_of]
-    exemplars = _choose_exemplars(rng, counted_idx, visible / np.maximum(areas, 1), cfg)
-    info = {
-        "shape": counted.shape,
-        "texture": counted.texture,
-        "clutter": clutter,
-        "distractor_shape": kinds[1].shape if has_distractors else None,
-        "num_distractors": len(distractor_idx),
-    }
-    return Scene(
-        pixels=pixels,
-        points=centres[counted_idx],
-        exemplars=boxes[exemplars].reshape(-1, 4),
-        labels=labels,
-        distractor_points=centres[distractor_idx],
-        info=info,
-    )
+    return labels, boxes, areas
 
 
 def _hsv(h: float, s: float, v: float) -> np.ndarray:
@@ -199,8 +252,8 @@ def _background_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarra
 
 
 def _draw_kind(
-    rng: np.random.Generator, radius: float, bg_ends: tuple, avoid: _Kind | None
-) -> _Kind:
+    rng: np.random.Generator, radius: float, bg_ends: tuple, avoid: ObjectKind | None
+) -> ObjectKind:
     """A kind that stands out from the background and, for distractors, from ``avoid``."""
     shapes = [s for s in SHAPES if avoid is None or s != avoid.shape]
     shape = shapes[int(rng.integers(len(shapes)))]
@@ -215,7 +268,7 @@ def _draw_kind(
         if min(np.linalg.norm(colour - end) for end in bg_ends) >= _MIN_CONTRAST:
             break
     texture = TEXTURES[int(rng.integers(len(TEXTURES)))]
-    return _Kind(shape, colour, texture, radius, float(rng.uniform(0, np.pi)))
+    return ObjectKind(shape, colour, texture, radius, float(rng.uniform(0, np.pi)))
 
 
 def _place(
@@ -250,84 +303,6 @@ def _place(
             if 3 <= attempt < 12:
                 radii[i] = max(3.0, r * 0.85)  # no room at this size: try smaller
     return centres, radii, placed
-
-
-def _background(rng: np.random.Generator, size: int, ends: tuple) -> np.ndarray:
-    """A linear gradient between two colours with soft low-frequency blotches, float32.
-
-    Both are smooth, so they are computed on a coarse grid and upsampled (fast).
-    """
-    coarse = 24
-    angle = rng.uniform(0, 2 * np.pi)
-    coords = (np.arange(coarse, dtype=np.float32) + 0.5) / coarse
-    t = np.cos(angle) * coords[None, :] + np.sin(angle) * coords[:, None]
-    t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
-    start, end = ends
-    small = start[None, None, :] + (end - start)[None, None, :] * t[:, :, None]
-    clouds = Image.fromarray(rng.random((6, 6)).astype(np.float32), mode="F")
-    clouds = np.asarray(clouds.resize((coarse, coarse), Image.Resampling.BILINEAR))
-    small += (clouds[:, :, None] - 0.5) * np.float32(rng.uniform(10, 50))
-    image = Image.fromarray(np.clip(small, 0, 255).astype(np.uint8))
-    return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR), np.float32)
-
-
-def _draw_object(
-    canvas: np.ndarray,
-    labels: np.ndarray,
-    kind: _Kind,
-    centre: np.ndarray,
-    radius: float,
-    angle: float,
-    brightness: float,
-    label: int,
-) -> tuple[np.ndarray, int]:
-    """Paint one object onto ``canvas`` and ``labels``; return its box and pixel area."""
-    size = canvas.shape[0]
-    cos, sin = np.cos(angle), np.sin(angle)
-    verts = SHAPES[kind.shape] @ np.array([[cos, sin], [-sin, cos]]) * radius + centre
-    (left, top), (right, bottom) = verts.min(0).tolist(), verts.max(0).tolist()
-    x0, y0 = max(math.floor(left) - 1, 0), max(math.floor(top) - 1, 0)
-    x1, y1 = min(math.ceil(right) + 2, size), min(math.ceil(bottom) + 2, size)
-    # PIL puts integer coordinates at pixel centres; ours are continuous (pixel i is [i, i+1)).
-    local = (verts - [x0 + 0.5, y0 + 0.5]).ravel().tolist()
-    mask_image = Image.new("L", (x1 - x0, y1 - y0), 0)
-    ImageDraw.Draw(mask_image).polygon(local, fill=1, outline=2)
-    mask = np.asarray(mask_image)
-    fill, edge = mask == 1, mask == 2
-
-    colour = np.minimum(kind.colour * np.float32(brightness), 255)
-    region = canvas[y0:y1, x0:x1]
-    region[fill] = _texture(kind, colour, x0, y0, x1, y1, centre, radius, angle)[fill]
-    region[edge] = colour * 0.45  # a darker outline separates touching objects
-    labels[y0:y1, x0:x1][fill | edge] = label
-    box = np.array([max(left, 0.0), max(top, 0.0), min(right, size), min(bottom, size)])
-    return box, int(fill.sum() + edge.sum())
-
-
-def _texture(kind: _Kind, colour: np.ndarray, x0, y0, x1, y1, centre, radius, angle):
-    """The object's colour pattern over its crop, ``[h, w, 3]``."""
-    ys = np.arange(y0, y1, dtype=np.float32) + 0.5 - np.float32(centre[1])
-    xs = np.arange(x0, x1, dtype=np.float32) + 0.5 - np.float32(centre[0])
-    shape = (len(ys), len(xs), 3)
-    if kind.texture == "solid":
-        return np.broadcast_to(colour, shape)
-    a = kind.pattern_angle + angle
-    u = np.cos(a) * xs[None, :] + np.sin(a) * ys[:, None]
-    v = -np.sin(a) * xs[None, :] + np.cos(a) * ys[:, None]
-    if kind.texture == "shaded":
-        rho2 = (xs[None, :] ** 2 + ys[:, None] ** 2) / radius**2
-        return colour * (1.0 - 0.5 * np.minimum(rho2, 1))[:, :, None]
-    period = max(4.0, 0.5 * radius)
-    if kind.texture == "stripes":
-        on = (u / period) % 1.0 < 0.5
-    elif kind.texture == "dots":
-        du, dv = u % period - period / 2, v % period - period / 2
-        on = du**2 + dv**2 < (0.3 * period) ** 2
-    else:  # checker
-        on = (np.floor(u / period) + np.floor(v / period)) % 2 == 0
-    # The second colour: darker for bright objects, lighter for dark ones.
-    second = colour * 0.55 if colour.mean() > 110 else colour + (255 - colour) * 0.5
-    return np.where(on[:, :, None], second, colour)
 
 
 def _choose_exemplars(

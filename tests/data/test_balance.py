@@ -1,6 +1,8 @@
 """The done-balance check (`seqops data balance`)."""
 
 import pytest
+import yaml
+from conftest import ROOT
 
 from seqops.cli import main
 from seqops.config import SamplingConfig
@@ -62,22 +64,25 @@ def test_warning_with_a_concrete_fix_when_positives_are_rare(tmp_path):
 
 
 def test_the_research_sampling_is_reported_for_comparison():
-    report = balance_of_counts([32] * 4, SamplingConfig())
+    report = balance_of_counts([32] * 4, SamplingConfig(steps_per_image=8, done_share=0.2))
     assert report.research_share == pytest.approx(1 / 33)  # ~3 %, the research's finding
     assert "3.0%" in report.text()
 
 
 def test_empty_split_warns_and_missing_manifest_is_an_error(tmp_path):
-    report = report_balance(_dataset(tmp_path, [], split="val"), "val", SamplingConfig())
+    sampling = SamplingConfig(steps_per_image=8, done_share=0.2)
+    report = report_balance(_dataset(tmp_path, [], split="val"), "val", sampling)
     assert report.num_images == 0 and "no images" in report.warning
     with pytest.raises(ValueError, match=r"test.jsonl: manifest not found"):
-        report_balance(tmp_path, "test", SamplingConfig())
+        report_balance(tmp_path, "test", sampling)
 
 
 def test_cli_prints_the_report(tmp_path, capsys):
     dataset = _dataset(tmp_path / "ds", [20, 21, 22])
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["sampling"] = {"steps_per_image": 20, "done_share": 0.0}
     params = tmp_path / "params.yaml"
-    params.write_text("sampling:\n  steps_per_image: 20\n  done_share: 0.0\n")
+    params.write_text(yaml.safe_dump(raw))
     assert main(["data", "balance", str(dataset), "--params", str(params)]) == 0
     out = capsys.readouterr().out
     assert "WARNING" in out and "sampling.done_share=0.2" in out

@@ -4,12 +4,13 @@ import json
 
 import numpy as np
 import pytest
+from conftest import shrink_params
 from PIL import Image
 
-from seqops.config import CocoConfig, Params, PrepareConfig
 from seqops.data.coco import split_of
 from seqops.data.manifest import SPLITS, read_manifest
-from seqops.data.prepare import PrepareError, run_prepare
+from seqops.data.prepare import run_prepare
+from seqops.data.sources import PrepareError
 
 SIZE = 64
 CATEGORIES = [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}, {"id": 3, "name": "bird"}]
@@ -69,11 +70,17 @@ def write_coco(root):
     return path, images_dir
 
 
-def _params(path, images_dir, categories=(), **prepare):
-    coco = CocoConfig(annotations=str(path), images_dir=str(images_dir), categories=categories,
-                      val_share=prepare.pop("val_share", 0.0), test_share=0.0)  # fmt: skip
-    settings = {"min_objects": 1, "max_objects": 50, "image_size": SIZE, **prepare}
-    return Params(prepare=PrepareConfig(source="coco", coco=coco, **settings))
+def _params(path, images_dir, categories=(), val_share=0.0, **prepare):
+    """The real params importing this COCO file at 64 px, 1-50 objects, seed 0, then ``prepare``."""
+    coco = {"annotations": str(path), "images_dir": str(images_dir),
+            "categories": list(categories), "val_share": val_share, "test_share": 0.0}  # fmt: skip
+    settings = {"source": "coco", "seed": 0, "order": "reading_order", "row_height": 50.0,
+                "on_error": "skip", "min_objects": 1, "max_objects": 50, "image_size": SIZE,
+                **prepare}  # fmt: skip
+    return shrink_params(
+        *[(f"prepare.{key}", value) for key, value in settings.items()],
+        *[(f"prepare.coco.{key}", value) for key, value in coco.items()],
+    )
 
 
 def _all_records(out):

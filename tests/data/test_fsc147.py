@@ -4,12 +4,13 @@ import json
 
 import numpy as np
 import pytest
+from conftest import shrink_params
 from PIL import Image
 
-from seqops.config import Fsc147Config, Params, PrepareConfig
 from seqops.data.fsc147 import ANNOTATION_FILE, CLASSES_FILE, IMAGES_DIR, SPLIT_FILE
 from seqops.data.manifest import read_dataset_info, read_manifest
-from seqops.data.prepare import PrepareError, run_prepare
+from seqops.data.prepare import run_prepare
+from seqops.data.sources import PrepareError
 
 SIZE = 64
 
@@ -90,9 +91,15 @@ def write_fsc147(root, bad=tuple(BAD)):
 
 
 def _params(root, classes=(), **prepare):
-    settings = {"min_objects": 1, "max_objects": 50, "image_size": SIZE, **prepare}
-    fsc147 = Fsc147Config(root=str(root), classes=classes)
-    return Params(prepare=PrepareConfig(source="fsc147", fsc147=fsc147, **settings))
+    """The real params importing this tree at 64 px, 1-50 objects, then ``prepare``."""
+    settings = {"source": "fsc147", "order": "reading_order", "row_height": 50.0,
+                "on_error": "skip", "min_objects": 1, "max_objects": 50, "image_size": SIZE,
+                **prepare}  # fmt: skip
+    return shrink_params(
+        *[(f"prepare.{key}", value) for key, value in settings.items()],
+        ("prepare.fsc147.root", str(root)),
+        ("prepare.fsc147.classes", list(classes)),
+    )
 
 
 def test_skip_mode_imports_the_good_and_reports_every_bad_item(tmp_path):

@@ -1,32 +1,31 @@
 """The prepare stage on synthetic data: layout, determinism, stats, atomicity."""
 
 import json
+from typing import get_args
 
 import numpy as np
 import pytest
+from conftest import shrink_params
 from PIL import Image
 
-from seqops.config import Fsc147Config, Params, PrepareConfig, SamplingConfig, SyntheticConfig
+from seqops.config import PrepareConfig
 from seqops.data import prepare as prepare_module
+from seqops.data import synthetic as synthetic_module
 from seqops.data.manifest import SPLITS, read_dataset_info, read_manifest
 from seqops.data.ordering import order_points
-from seqops.data.prepare import PrepareError, find_point_problem, histogram, run_prepare
+from seqops.data.prepare import SOURCES, histogram, run_prepare
+from seqops.data.sources import PrepareError, find_point_problem
 
 SIZE = 64
 
 
-def _params(sampling=None, **prepare):
-    settings = {
-        "image_size": SIZE,
-        "min_objects": 3,
-        "max_objects": 9,
-        "num_train": 6,
-        "num_val": 2,
-        "num_test": 2,
-        "row_height": 10.0,
-        **prepare,
-    }
-    return Params(prepare=PrepareConfig(**settings), sampling=sampling or SamplingConfig())
+def _params(*overrides):
+    """The real params with a small synthetic dataset (10 scenes at 64 px), then ``overrides``."""
+    return shrink_params(
+        "prepare.source=synthetic", "prepare.order=reading_order", f"prepare.image_size={SIZE}",
+        "prepare.min_objects=3", "prepare.max_objects=9", "prepare.row_height=10",
+        "prepare.num_train=6", "prepare.num_val=2", "prepare.num_test=2", *overrides,
+    )  # fmt: skip
 
 
 def test_layout_of_a_prepared_dataset(tmp_path):
@@ -55,15 +54,15 @@ def test_layout_of_a_prepared_dataset(tmp_path):
 
 
 def test_the_configured_order_is_applied(tmp_path):
-    run_prepare(_params(order="left_to_right"), tmp_path / "ltr")
+    run_prepare(_params("prepare.order=left_to_right"), tmp_path / "ltr")
     for record in read_manifest(tmp_path / "ltr" / "train.jsonl"):
         xs = record.points_array()[:, 0]
         assert (np.diff(xs) >= 0).all()
 
 
 def test_stats_count_objects_and_done_share(tmp_path):
-    sampling = SamplingConfig(steps_per_image=8, done_share=0.2)
-    stats = run_prepare(_params(sampling), tmp_path / "prepared")
+    sampling = ("sampling.steps_per_image=8", "sampling.done_share=0.2")
+    stats = run_prepare(_params(*sampling), tmp_path / "prepared")
     train = read_manifest(tmp_path / "prepared" / "train.jsonl")
     counts = [r.num_objects for r in train]
     assert stats["splits"]["train"]["images"] == 6
@@ -93,8 +92,8 @@ def test_same_params_give_byte_identical_datasets(tmp_path):
 
 
 def test_scenes_do_not_depend_on_the_split_sizes(tmp_path):
-    run_prepare(_params(num_train=2), tmp_path / "few")
-    run_prepare(_params(num_train=5, num_val=0), tmp_path / "many")
+    run_prepare(_params("prepare.num_train=2"), tmp_path / "few")
+    run_prepare(_params("prepare.num_train=5", "prepare.num_val=0"), tmp_path / "many")
     few = (tmp_path / "few" / "train.jsonl").read_text().splitlines()
     many = (tmp_path / "many" / "train.jsonl").read_text().splitlines()
     assert few == many[:2]
@@ -102,19 +101,20 @@ def test_scenes_do_not_depend_on_the_split_sizes(tmp_path):
 
 
 def test_parallel_generation_gives_the_same_dataset(tmp_path, monkeypatch):
-    run_prepare(_params(num_train=4, num_val=0, num_test=0), tmp_path / "serial")
+    four_train = ("prepare.num_train=4", "prepare.num_val=0", "prepare.num_test=0")
+    run_prepare(_params(*four_train), tmp_path / "serial")
     pools = []
 
-    class SpyPool(prepare_module.ProcessPoolExecutor):
+    class SpyPool(synthetic_module.ProcessPoolExecutor):
         def __init__(self, *args, **kwargs):
             pools.append(self)
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(prepare_module, "ProcessPoolExecutor", SpyPool)
-    monkeypatch.setattr(prepare_module, "PARALLEL_MIN_SCENES", 1)
-    monkeypatch.setattr(prepare_module.os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(prepare_module.threading, "active_count", lambda: 1)
-    run_prepare(_params(num_train=4, num_val=0, num_test=0), tmp_path / "parallel")
+    monkeypatch.setattr(synthetic_module, "ProcessPoolExecutor", SpyPool)
+    monkeypatch.setattr(synthetic_module, "PARALLEL_MIN_SCENES", 1)
+    monkeypatch.setattr(synthetic_module.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(synthetic_module.threading, "active_count", lambda: 1)
+    run_prepare(_params(*four_train), tmp_path / "parallel")
     assert len(pools) == 1
     for name in ("train.jsonl", "images/train/train-000003.png"):
         assert (tmp_path / "serial" / name).read_bytes() == (
@@ -130,7 +130,7 @@ def test_a_failed_run_leaves_the_previous_dataset_and_no_temporary_files(tmp_pat
     broken = tmp_path / "FSC147"
     broken.mkdir()
     (broken / "annotation_FSC147_384.json").write_text("{broken")
-    params = _params(source="fsc147", fsc147=Fsc147Config(root=str(broken)))
+    params = _params("prepare.source=fsc147", ("prepare.fsc147.root", str(broken)))
     with pytest.raises(PrepareError, match=r"annotation_FSC147_384.json"):
         run_prepare(params, out)
 
@@ -157,11 +157,11 @@ def test_a_failure_midway_through_writing_leaves_nothing(tmp_path, monkeypatch):
 
 def test_min_above_max_is_an_error(tmp_path):
     with pytest.raises(PrepareError, match=r"min_objects \(9\) > prepare.max_objects \(3\)"):
-        run_prepare(_params(min_objects=9, max_objects=3), tmp_path / "out")
+        run_prepare(_params("prepare.min_objects=9", "prepare.max_objects=3"), tmp_path / "out")
 
 
 def test_exemplars_off(tmp_path):
-    run_prepare(_params(synthetic=SyntheticConfig(num_exemplars=0)), tmp_path / "out")
+    run_prepare(_params("prepare.synthetic.num_exemplars=0"), tmp_path / "out")
     assert read_dataset_info(tmp_path / "out")["exemplars"] is False
 
 
@@ -180,3 +180,9 @@ def test_histogram_buckets():
     assert histogram([]) == {}
     assert histogram([0, 4, 5, 12, 12]) == {"0-4": 2, "5-9": 1, "10-14": 2}
     assert list(histogram([250]))[-1] == "100+"
+
+
+def test_every_source_the_config_accepts_is_registered():
+    """A new source is one module plus one line in SOURCES; the config's choices follow it."""
+    accepted = get_args(PrepareConfig.model_fields["source"].annotation)
+    assert sorted(SOURCES) == sorted(accepted)

@@ -2,21 +2,23 @@
 
 import numpy as np
 import pytest
+from conftest import ROOT, shrink_params
 
-from seqops.config import PrepareConfig, SyntheticConfig
-from seqops.data.synthetic import SHAPES, TEXTURES, generate_scene, generate_scenes, scene_rng
+from seqops.config import load_params
+from seqops.data.painting import SHAPES, TEXTURES
+from seqops.data.synthetic import generate_scene, generate_scenes, scene_rng
 
 SIZE = 128
 
 
 def _scenes(n, split="train", seed=0, min_objects=3, max_objects=20, **synthetic):
-    cfg = PrepareConfig(
-        seed=seed,
-        image_size=SIZE,
-        min_objects=min_objects,
-        max_objects=max_objects,
-        synthetic=SyntheticConfig(**synthetic),
-    )
+    cfg = shrink_params(
+        ("prepare.seed", seed),
+        ("prepare.image_size", SIZE),
+        ("prepare.min_objects", min_objects),
+        ("prepare.max_objects", max_objects),
+        *[(f"prepare.synthetic.{key}", value) for key, value in synthetic.items()],
+    ).prepare
     return list(generate_scenes(cfg, split, n))
 
 
@@ -121,16 +123,17 @@ def test_scenes_vary_in_shape_and_texture():
 
 
 def test_exact_counts_and_bad_range():
-    scene = generate_scene(scene_rng(0, "train", 0), SIZE, 7, 7, SyntheticConfig())
+    synthetic = shrink_params().prepare.synthetic
+    scene = generate_scene(scene_rng(0, "train", 0), SIZE, 7, 7, synthetic)
     assert len(scene.points) == 7
-    empty = generate_scene(scene_rng(0, "train", 0), SIZE, 0, 0, SyntheticConfig())
+    empty = generate_scene(scene_rng(0, "train", 0), SIZE, 0, 0, synthetic)
     assert len(empty.points) == 0 and len(empty.exemplars) == 0
     with pytest.raises(ValueError, match=r"min_objects 9 > max_objects 3"):
-        generate_scene(scene_rng(0, "train", 0), SIZE, 9, 3, SyntheticConfig())
+        generate_scene(scene_rng(0, "train", 0), SIZE, 9, 3, synthetic)
 
 
 def test_default_settings_keep_their_promises():
-    cfg = PrepareConfig()  # 384 px, 5..50 objects, the params.yaml defaults
+    cfg = load_params(ROOT / "params.yaml").prepare  # 384 px, 5..50 objects: the demo's
     for scene in generate_scenes(cfg, "val", 12):
         pts = np.vstack([scene.points, scene.distractor_points])
         cols, rows = np.floor(pts).astype(int).T
