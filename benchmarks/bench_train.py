@@ -46,7 +46,13 @@ class OneStepPerForward(ManyStepNet):
 
 def make_batches(params, data_dir: Path, spec, num_batches: int) -> list[dict[str, Tensor]]:
     ds = StepDataset(
-        data_dir, "train", params, spec.grid, spec.mark_sigma, spec.exemplars, True, seed=0
+        data_dir,
+        "train",
+        spec=spec,
+        sampling=params.sampling,
+        train=params.train,
+        augment=True,
+        seed=0,
     )
     b = params.train.batch_size
     return [

@@ -108,11 +108,12 @@ def augment_marks(
 
 def sample_image_steps(
     points_px: np.ndarray,
+    rng: np.random.Generator,
+    *,
     image_size: int,
     sampling: SamplingConfig,
     grid: int,
-    sigma: float,
-    rng: np.random.Generator,
+    mark_sigma: float,
     augment: AugmentConfig | None = None,
     ks: np.ndarray | None = None,
     shuffle: bool = False,
@@ -121,10 +122,10 @@ def sample_image_steps(
 
     Args:
         points_px: ``[N, 2]`` objects in model pixels, canonical order (``Record.points``).
+        rng: the random source (a fixed seed makes the steps reproducible, e.g. for val).
         image_size: model input size ``S``.
         sampling: steps per image and done share.
-        grid: feature grid side (``ModelSpec.grid``); sigma: mark radius in grid cells.
-        rng: the random source (a fixed seed makes the steps reproducible, e.g. for val).
+        grid: feature grid side (``ModelSpec.grid``); mark_sigma: mark radius in grid cells.
         augment: mark noise, or ``None`` for clean marks (validation).
         ks: explicit ``k`` values instead of :func:`choose_ks` (pictures, tests).
         shuffle: mark a random subset of ``k`` objects per step (a new permutation per
@@ -140,23 +141,17 @@ def sample_image_steps(
     ks = np.asarray(ks, np.int64)
     if len(ks) and (ks.min() < 0 or ks.max() > num_objects):
         raise ValueError(f"k values must lie in [0, {num_objects}], got {ks.tolist()}")
-    clearance = SPURIOUS_CLEARANCE_SIGMAS * sigma * 2.0 / grid
+    clearance = SPURIOUS_CLEARANCE_SIGMAS * mark_sigma * 2.0 / grid
     maps, mark_points = [], []
     target = np.zeros((len(ks), 2), np.float32)
     unmarked = np.zeros((len(ks), num_objects), bool)
-    canonical = np.arange(num_objects)
     for i, k in enumerate(ks):
         # The order objects are marked in: canonical, or a fresh random one per step.
-        order = rng.permutation(num_objects) if shuffle else canonical
+        order = rng.permutation(num_objects) if shuffle else np.arange(num_objects)
         ordered = points[order]
-        if augment is None:
-            marks, dropped = ordered[:k].copy(), np.zeros(num_objects, bool)
-        else:
-            marks, dropped = augment_marks(ordered, int(k), augment, image_size, clearance, rng)
-        maps.append(render_marks(marks, grid, sigma))
+        marks, left = _mark_first(ordered, int(k), augment, image_size, clearance, rng)
+        maps.append(render_marks(marks, grid, mark_sigma))
         mark_points.append(marks)
-        left = dropped  # a fresh array: objects unmarked, in that order
-        left[k:] = True
         unmarked[i, order] = left
         if k < num_objects:
             target[i] = ordered[int(np.argmax(left))]  # the first unmarked in that order
@@ -168,3 +163,21 @@ def sample_image_steps(
         done=(ks == num_objects).astype(np.float32),
         unmarked=unmarked,
     )
+
+
+def _mark_first(
+    ordered: np.ndarray,
+    k: int,
+    augment: AugmentConfig | None,
+    image_size: int,
+    clearance: float,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Marks of the first ``k`` objects of ``ordered`` (noisy unless ``augment`` is None), and
+    ``[N]`` which of them are left unmarked: the rest, plus any dropped mark."""
+    if augment is None:
+        marks, left = ordered[:k].copy(), np.zeros(len(ordered), bool)
+    else:
+        marks, left = augment_marks(ordered, k, augment, image_size, clearance, rng)
+    left[k:] = True
+    return marks, left

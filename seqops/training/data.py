@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from seqops.config import Params
+from seqops.config import SamplingConfig, TrainConfig
 from seqops.data.manifest import (
     DatasetError,
     Record,
@@ -27,6 +27,7 @@ from seqops.data.manifest import (
 )
 from seqops.data.sampling import sample_image_steps
 from seqops.imaging import load_image, normalize_pixels, render_exemplar_mask
+from seqops.model import ModelSpec
 
 # Validation steps come from this fixed seed, whatever train.seed is, so val/loss compares
 # across epochs and across runs.
@@ -68,22 +69,31 @@ class StepDataset(Dataset):
     Training items (``augment=True``) draw new steps each epoch (seeded by ``seed``, epoch and
     index, so a resumed run draws what the uninterrupted one would); validation items use
     clean marks and the same steps every epoch.
+
+    Args:
+        dataset_dir: a prepared dataset (``seqops.data.manifest``).
+        split: ``train`` or ``val`` (any split with a manifest).
+        spec: the network trained on it: input size, grid, mark radius, exemplars.
+        sampling: steps per image and their done share.
+        train: the mark noise (``train.augment``) and target (``train.target``).
+        augment: apply ``train.augment``'s mark noise (training) or not (validation).
+        seed: the steps' random source.
     """
 
     def __init__(
         self,
         dataset_dir: str | Path,
         split: str,
-        params: Params,
-        grid: int,
-        mark_sigma: float,
-        exemplars: bool,
+        *,
+        spec: ModelSpec,
+        sampling: SamplingConfig,
+        train: TrainConfig,
         augment: bool,
         seed: int,
     ) -> None:
         self.dataset_dir = Path(dataset_dir)
+        self.image_size = spec.image_size
         info = read_dataset_info(dataset_dir)
-        self.image_size = int(params.prepare.image_size)
         if int(info.get("image_size", -1)) != self.image_size:
             raise DatasetError(
                 f"{self.dataset_dir / 'dataset.json'}: image_size {info.get('image_size')} "
@@ -93,11 +103,11 @@ class StepDataset(Dataset):
         if not self.records:
             raise DatasetError(f"{manifest_path(dataset_dir, split)}: no records")
         self.pixels = load_pixels(dataset_dir, self.records, self.image_size)
-        self.sampling = params.sampling
-        self.augment = params.train.augment if augment else None
+        self.sampling = sampling
+        self.augment = train.augment if augment else None
         # nearest_unmarked: the loop marks objects in its own order, so mark random subsets.
-        self.shuffle = params.train.target == "nearest_unmarked"
-        self.grid, self.mark_sigma, self.exemplars = grid, mark_sigma, exemplars
+        self.shuffle = train.target == "nearest_unmarked"
+        self.grid, self.mark_sigma, self.exemplars = spec.grid, spec.mark_sigma, spec.exemplars
         self.seed = seed
         self.epoch = 0
 
@@ -109,6 +119,7 @@ class StepDataset(Dataset):
         return len(self.records)
 
     def rng(self, index: int) -> np.random.Generator:
+        """The random source of item ``index`` (this epoch's, for training)."""
         if self.augment is None:
             return np.random.default_rng([self.seed, index])
         return np.random.default_rng([self.seed, self.epoch, index])
@@ -122,11 +133,11 @@ class StepDataset(Dataset):
         record = self.records[index]
         steps = sample_image_steps(
             record.points_array(),
-            self.image_size,
-            self.sampling,
-            self.grid,
-            self.mark_sigma,
             self.rng(index),
+            image_size=self.image_size,
+            sampling=self.sampling,
+            grid=self.grid,
+            mark_sigma=self.mark_sigma,
             augment=self.augment,
             shuffle=self.shuffle,
         )

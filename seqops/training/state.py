@@ -1,19 +1,28 @@
-"""Training bookkeeping: early stopping, whether ``last.pt`` may be resumed, and the
-stage's small outputs (per-epoch plots CSV, final metrics)."""
+"""What a training run carries from epoch to epoch, and resuming it from ``last.pt``.
+
+:class:`TrainingState` holds the network, its optimizer and schedule, early stopping, the
+epoch reached, the per-epoch history and the best epoch's weights. Its
+:meth:`~TrainingState.checkpoint` is what ``last.pt`` holds and
+:meth:`~TrainingState.restore` puts it back, so a killed run (or one given more
+``train.epochs``) carries on as the uninterrupted run would have.
+"""
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import Tensor
+
 from seqops.config import Params
-from seqops.io import atomic_write_text
+from seqops.model import SeqCounter
 from seqops.tracking import flatten_params
+from seqops.training import checkpoint as ckpt
+from seqops.training.outputs import json_safe
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +41,6 @@ RESUME_FREE_KEYS = frozenset(
         "train.rollout_images",
         "train.picture_samples",
     }
-)
-# Leading columns of the plots CSV; every other metric follows in name order.
-PLOT_COLUMNS = (
-    "epoch",
-    "train/loss",
-    "val/loss",
-    "val/loss_spatial",
-    "val/loss_done",
-    "val/loss_heatmap",
-    "val/mse",
-    "val/px_err_median",
-    "val/px_err_p90",
-    "val/done_f1",
-    "val/count_mae",
-    "val/count_exact",
 )
 
 
@@ -73,9 +67,11 @@ class EarlyStopping:
 
     @property
     def should_stop(self) -> bool:
+        """True once ``patience`` epochs in a row brought no improvement."""
         return self.bad_epochs >= self.patience
 
     def state_dict(self) -> dict[str, Any]:
+        """The counters (and the settings), for a checkpoint."""
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -83,6 +79,94 @@ class EarlyStopping:
         self.best = float(state["best"])
         self.best_epoch = int(state["best_epoch"])
         self.bad_epochs = int(state["bad_epochs"])
+
+
+@dataclass
+class TrainingState:
+    """Everything a run carries from one epoch to the next.
+
+    nanoGPT's habit: every checkpoint describes itself (weights, model spec, parameters,
+    epoch, best validation loss), so export rebuilds the network from ``best.pt`` alone;
+    ``last.pt`` adds what resuming needs.
+    """
+
+    model: SeqCounter
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    stopper: EarlyStopping
+    params: Params
+    data_fingerprint: str  # of the prepared data (training.data.fingerprint_dataset)
+    epoch: int = 0  # the last finished epoch; 0 before the first
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per epoch (rank 0)
+    best_model_state: dict[str, Tensor] | None = None  # the best epoch's weights, on the CPU
+    run_id: str | None = None  # the MLflow run, continued when the run resumes
+
+    def describe(
+        self, epoch: int, metrics: dict[str, Any], model_state: dict[str, Tensor] | None = None
+    ) -> dict[str, Any]:
+        """A self-describing checkpoint of the weights (the current ones unless
+        ``model_state`` is given) as of ``epoch`` with its ``metrics``: what ``best.pt`` holds."""
+        return {
+            "model_state": self.model.state_dict() if model_state is None else model_state,
+            "model_spec": self.model.spec.to_dict(),
+            "params": self.params.model_dump(mode="json"),
+            "epoch": epoch,
+            "best_val_loss": self.stopper.best,
+            "run_id": self.run_id,
+            "data_fingerprint": self.data_fingerprint,
+            "metrics": json_safe(metrics),
+        }
+
+    def checkpoint(self) -> dict[str, Any]:
+        """What ``last.pt`` holds: :meth:`describe` of the last epoch, plus the optimizer,
+        schedule, early stopping, RNG state, history and the best epoch's weights."""
+        return {
+            **self.describe(self.epoch, self.history[-1] if self.history else {}),
+            "optimizer_state": self.optimizer.state_dict(),
+            "scheduler_state": self.scheduler.state_dict(),
+            "early_stopping": self.stopper.state_dict(),
+            "rng_state": ckpt.capture_rng_state(),
+            "history": self.history,
+            "best_model_state": self.best_model_state,
+        }
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Carry on from a :meth:`checkpoint` (as :func:`load_resume_state` read it back)."""
+        self.model.load_state_dict(saved["model_state"])
+        self.optimizer.load_state_dict(saved["optimizer_state"])
+        self.scheduler.load_state_dict(saved["scheduler_state"])
+        self.stopper.load_state_dict(saved["early_stopping"])
+        ckpt.restore_rng_state(saved["rng_state"])
+        self.epoch = int(saved["epoch"])
+        self.history = list(saved["history"])
+        self.best_model_state = saved.get("best_model_state")
+        self.run_id = saved.get("run_id")
+
+    def resume(self, last_path: Path, mode: str) -> bool:
+        """Restore ``last_path`` when ``mode`` and the file allow it (:func:`load_resume_state`);
+        True when the run resumed."""
+        saved = load_resume_state(
+            last_path,
+            spec_dict=self.model.spec.to_dict(),
+            params=self.params,
+            fingerprint=self.data_fingerprint,
+            mode=mode,
+        )
+        if saved is not None:
+            self.restore(saved)
+        return saved is not None
+
+    def end_epoch(self, epoch: int, val_loss: float) -> bool:
+        """Count ``epoch`` as finished; True when ``val_loss`` is the best so far."""
+        self.epoch = epoch
+        return self.stopper.update(val_loss, epoch)
+
+    def record(self, row: dict[str, float], best: bool) -> None:
+        """Keep a finished epoch's metrics, and its weights when it is the ``best`` so far."""
+        self.history.append(row)
+        if best:
+            weights = self.model.state_dict()
+            self.best_model_state = {k: v.detach().cpu().clone() for k, v in weights.items()}
 
 
 def resume_mismatch(
@@ -107,15 +191,13 @@ def resume_mismatch(
 
 
 def load_resume_state(
-    last_path: Path, spec_dict: dict[str, Any], params: Params, fingerprint: str, mode: str
+    last_path: Path, *, spec_dict: dict[str, Any], params: Params, fingerprint: str, mode: str
 ) -> dict[str, Any] | None:
     """The ``last.pt`` state to resume from, or ``None`` to train from scratch.
 
     ``auto``: resume when the file exists and matches (else warn and start afresh);
     ``never``: start afresh; ``require``: fail unless it can resume.
     """
-    from seqops.training import checkpoint as ckpt  # torch: only when a resume is considered
-
     if mode not in RESUME_MODES:
         raise ValueError(f"resume={mode!r}: expected one of {', '.join(RESUME_MODES)}")
     if mode == "never" or not last_path.is_file():
@@ -133,37 +215,3 @@ def load_resume_state(
         raise ValueError(f"{last_path}: cannot resume: {reason}")
     log.warning("%s: not resuming (%s); training from scratch", last_path, reason)
     return None
-
-
-def json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
-    """Non-finite floats become ``None`` (JSON has no NaN)."""
-    return {
-        k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-        for k, v in metrics.items()
-    }
-
-
-def write_plots_csv(path: str | Path, history: list[dict[str, float]]) -> None:
-    """One row per epoch, ``epoch`` first: what ``dvc plots show`` renders."""
-    keys = {k for row in history for k in row}
-    columns = [c for c in PLOT_COLUMNS if c in keys] + sorted(keys - set(PLOT_COLUMNS))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, restval="", lineterminator="\n")
-    writer.writeheader()
-    for row in history:
-        writer.writerow({k: _csv_value(v) for k, v in row.items()})
-    atomic_write_text(path, buffer.getvalue())
-
-
-def _csv_value(value: Any) -> Any:
-    if isinstance(value, float):
-        return "" if not math.isfinite(value) else f"{value:.6g}"
-    return value
-
-
-def final_metrics(history: list[dict[str, float]], best_epoch: int) -> dict[str, Any]:
-    """The best epoch's metrics plus ``best_epoch`` and ``epochs_trained``."""
-    best = next((row for row in history if row.get("epoch") == best_epoch), {})
-    metrics: dict[str, Any] = {"best_epoch": best_epoch, "epochs_trained": len(history)}
-    metrics.update({k: v for k, v in best.items() if k != "epoch"})
-    return json_safe(metrics)

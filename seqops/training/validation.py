@@ -2,8 +2,10 @@
 
 The spatial, heat-map and MSE terms count only the steps with an object left
 (``done = 0``); the done BCE counts every step. Validation adds the pixel error at model
-input size (over ``done = 0`` steps), done accuracy/precision/recall/F1 at 0.5, and a full
-rollout (the served loop, with the torch model) on a fixed subset of validation images.
+input size (over ``done = 0`` steps), done accuracy/precision/recall/F1, and a full rollout
+(the served loop, with the torch model) on a fixed subset of validation images. Both the done
+scores and the rollout stop at ``evaluate.done_threshold``: the threshold the exported model
+carries, so validation judges the done head as serving will use it.
 """
 
 from __future__ import annotations
@@ -27,8 +29,6 @@ from seqops.scoring import done_scores
 from seqops.training import losses
 from seqops.training.data import StepDataset, collate_steps
 from seqops.training.runtime import autocast, to_device, worker_context
-
-DONE_THRESHOLD = 0.5
 
 
 @dataclass
@@ -83,21 +83,23 @@ def reduce_losses(step: StepLosses, cfg: TrainConfig) -> dict[str, Tensor]:
     }
 
 
-def score_done(done_prob: np.ndarray, done_target: np.ndarray) -> dict[str, float]:
-    """Accuracy, precision, recall and F1 of ``done_prob > 0.5`` (0 where undefined)."""
-    pred = np.asarray(done_prob) > DONE_THRESHOLD
-    truth = np.asarray(done_target) > 0.5
+def score_done(
+    done_prob: np.ndarray, done_target: np.ndarray, threshold: float
+) -> dict[str, float]:
+    """Accuracy, precision, recall and F1 of ``done_prob > threshold`` (0 where undefined)."""
+    pred = np.asarray(done_prob) > threshold
+    truth = np.asarray(done_target) > 0.5  # targets are 0 or 1
     return {
         "done_acc": float(np.mean(pred == truth)) if len(pred) else 0.0,
-        **done_scores(done_prob, done_target, DONE_THRESHOLD, undefined=0.0),
+        **done_scores(done_prob, done_target, threshold, undefined=0.0),
     }
 
 
 class ValAccumulator:
     """Sums over the validation steps; :meth:`result` gives the ``val/...`` metrics."""
 
-    def __init__(self, cfg: TrainConfig, image_size: int) -> None:
-        self.cfg, self.image_size = cfg, image_size
+    def __init__(self, cfg: TrainConfig, image_size: int, done_threshold: float) -> None:
+        self.cfg, self.image_size, self.done_threshold = cfg, image_size, done_threshold
         self.sums = {"spatial": 0.0, "heatmap": 0.0, "mse": 0.0, "done": 0.0}
         self.live = 0
         self.steps = 0
@@ -136,7 +138,8 @@ class ValAccumulator:
             metrics["px_err_mean"] = float(err.mean())
             metrics["px_err_median"] = float(np.median(err))
             metrics["px_err_p90"] = float(np.percentile(err, 90))
-        metrics.update(score_done(np.concatenate(self.done_prob), np.concatenate(self.done_target)))
+        done_prob, done_target = np.concatenate(self.done_prob), np.concatenate(self.done_target)
+        metrics.update(score_done(done_prob, done_target, self.done_threshold))
         return metrics
 
 
@@ -209,7 +212,8 @@ def validate(
         num_workers=cfg.num_workers,
         multiprocessing_context=worker_context(cfg.num_workers),
     )
-    acc = ValAccumulator(cfg, val_ds.image_size)
+    threshold = params.evaluate.done_threshold
+    acc = ValAccumulator(cfg, val_ds.image_size, threshold)
     for batch in loader:
         batch = to_device(batch, device)
         with autocast(device):
@@ -226,7 +230,6 @@ def validate(
         max_steps = 2 * max(
             params.prepare.max_objects, *(r.num_objects for r in val_ds.records[:count])
         )
-        threshold = params.evaluate.done_threshold
         found = rollout(model, val_ds.pixels[:count], masks, max_steps, device, threshold)
         scores = score_counts(found, (r.num_objects for r in val_ds.records[:count]))
         metrics.update({f"val/{k}": v for k, v in scores.items()})
@@ -254,11 +257,11 @@ def draw_val_pictures(
         k = picture_k(i, count, record.num_objects)
         steps = sample_image_steps(
             record.points_array(),
-            size,
-            val_ds.sampling,
-            spec.grid,
-            spec.mark_sigma,
             np.random.default_rng(i),
+            image_size=size,
+            sampling=val_ds.sampling,
+            grid=spec.grid,
+            mark_sigma=spec.mark_sigma,
             ks=np.array([k]),
             shuffle=val_ds.shuffle,
         )

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from seqops.config import AugmentConfig, SamplingConfig
-from seqops.data.sampling import augment_marks, choose_ks, sample_image_steps
+from seqops.data.sampling import ImageSteps, augment_marks, choose_ks, sample_image_steps
 from seqops.imaging import pixels_to_norm, render_marks
 
 SIZE, GRID, SIGMA = 64, 8, 1.0
@@ -16,6 +16,13 @@ NO_NOISE = AugmentConfig(mark_jitter_px=0, mark_drop_prob=0, spurious_mark_prob=
 
 def rng(seed: int = 0) -> np.random.Generator:
     return np.random.default_rng(seed)
+
+
+def steps_of(generator: np.random.Generator, **kwargs) -> ImageSteps:
+    """The steps of :data:`POINTS_PX` at the test sizes."""
+    sampling = SamplingConfig(steps_per_image=8, done_share=0.2)  # params.yaml's
+    sizes = {"image_size": SIZE, "sampling": sampling, "grid": GRID, "mark_sigma": SIGMA}
+    return sample_image_steps(POINTS_PX, generator, **sizes, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -41,7 +48,7 @@ def test_choose_ks_without_objects_is_all_done():
 
 def test_clean_steps_have_the_next_point_as_target_and_the_first_k_as_marks():
     ks = np.array([0, 2, 4, 5])
-    steps = sample_image_steps(POINTS_PX, SIZE, SamplingConfig(), GRID, SIGMA, rng(), ks=ks)
+    steps = steps_of(rng(), ks=ks)
     points = pixels_to_norm(POINTS_PX, SIZE)
     assert steps.k.tolist() == [0, 2, 4, 5]
     assert steps.done.tolist() == [0, 0, 0, 1]
@@ -58,9 +65,7 @@ def test_clean_steps_have_the_next_point_as_target_and_the_first_k_as_marks():
 def test_shuffled_steps_mark_random_subsets_and_target_an_unmarked_object():
     points = pixels_to_norm(POINTS_PX, SIZE)
     ks = np.full(200, 2)
-    steps = sample_image_steps(
-        POINTS_PX, SIZE, SamplingConfig(), GRID, SIGMA, rng(), NO_NOISE, ks=ks, shuffle=True
-    )
+    steps = steps_of(rng(), augment=NO_NOISE, ks=ks, shuffle=True)
     subsets = set()
     for i in range(len(ks)):
         marked = ~steps.unmarked[i]
@@ -76,8 +81,8 @@ def test_shuffled_steps_mark_random_subsets_and_target_an_unmarked_object():
 
 def test_sampling_is_reproducible_with_a_seed():
     augment = AugmentConfig(mark_jitter_px=2, mark_drop_prob=0.3, spurious_mark_prob=0.5)
-    a = sample_image_steps(POINTS_PX, SIZE, SamplingConfig(), GRID, SIGMA, rng(7), augment)
-    b = sample_image_steps(POINTS_PX, SIZE, SamplingConfig(), GRID, SIGMA, rng(7), augment)
+    a = steps_of(rng(7), augment=augment)
+    b = steps_of(rng(7), augment=augment)
     np.testing.assert_array_equal(a.k, b.k)
     np.testing.assert_array_equal(a.marks, b.marks)
 
@@ -98,7 +103,7 @@ def test_jitter_moves_marks_by_about_the_configured_pixels():
 def test_dropped_marks_become_unmarked_but_never_at_k_equals_n():
     augment = AugmentConfig(mark_jitter_px=0, mark_drop_prob=1.0, spurious_mark_prob=0)
     ks = np.array([3, 5])
-    steps = sample_image_steps(POINTS_PX, SIZE, SamplingConfig(), GRID, SIGMA, rng(), augment, ks)
+    steps = steps_of(rng(), augment=augment, ks=ks)
     assert len(steps.mark_points[0]) == 0  # every mark of k=3 dropped
     assert steps.unmarked[0].all()  # so every object counts as unmarked
     # ...and the next object is the first unmarked one: go back for it, never skip it.
@@ -119,12 +124,12 @@ def test_spurious_marks_land_away_from_every_object():
 
 
 def test_augmentation_is_off_with_zero_settings():
-    a = sample_image_steps(POINTS_PX, SIZE, SamplingConfig(), GRID, SIGMA, rng(3), NO_NOISE)
-    b = sample_image_steps(POINTS_PX, SIZE, SamplingConfig(), GRID, SIGMA, rng(3))
+    a = steps_of(rng(3), augment=NO_NOISE)
+    b = steps_of(rng(3))
     np.testing.assert_array_equal(a.k, b.k)
     np.testing.assert_allclose(a.marks, b.marks)
 
 
 def test_k_out_of_range_is_an_error():
     with pytest.raises(ValueError, match=r"\[0, 5\]"):
-        sample_image_steps(POINTS_PX, SIZE, SamplingConfig(), GRID, SIGMA, rng(), ks=[6])
+        steps_of(rng(), ks=[6])

@@ -1,4 +1,8 @@
-"""The train stage on tiny data: learning, outputs, resume, early stopping, MLflow, DDP, CLI."""
+"""The train stage on tiny data: learning, outputs, resume, early stopping, MLflow, DDP, CLI.
+
+Tests that train whole runs are marked slow (``make test-fast`` skips them); the pieces of
+the loop (one epoch, saving and resuming an epoch) run unmarked on a few batches.
+"""
 
 from __future__ import annotations
 
@@ -16,12 +20,21 @@ from conftest import ROOT, TINY_OVERRIDES, free_port, make_tiny_dataset, shrink_
 from seqops.cli import main
 from seqops.data.manifest import manifest_path, read_manifest, write_manifest
 from seqops.imaging import load_image, normalize_pixels, pixels_to_norm, render_marks
-from seqops.model import StepOutput
+from seqops.model import spec_from_params
 from seqops.training import checkpoint as ckpt
-from seqops.training.data import StepDataset, collate_steps
-from seqops.training.state import EarlyStopping, resume_mismatch
-from seqops.training.train import check_gradients, run_train, warn_uncounted_kinds
-from seqops.training.validation import compute_step_losses, reduce_losses
+from seqops.training.data import StepDataset
+from seqops.training.outputs import StageOutputs
+from seqops.training.runtime import DistInfo
+from seqops.training.train import (
+    Run,
+    check_gradients,
+    run_train,
+    save_epoch,
+    set_up,
+    train_one_epoch,
+    validate_epoch,
+    warn_uncounted_kinds,
+)
 
 # Plain settings for tests that compare runs: no schedule, no mark noise.
 PLAIN = ("train.lr_schedule=none", "train.rollout_images=0", "train.picture_samples=0")
@@ -44,18 +57,11 @@ def read_plots(tmp_path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_a_batch_holds_k_steps_per_image(tiny_dataset, tiny_params):
-    ds = StepDataset(tiny_dataset, "train", tiny_params, 8, 1.0, False, augment=True, seed=0)
-    batch = collate_steps([ds[0], ds[1], ds[2]])
-    k = tiny_params.sampling.steps_per_image
-    assert batch["images"].shape == (3, 3, 64, 64)
-    assert batch["marks"].shape == (3 * k, 1, 8, 8)
-    assert batch["step_image"].tolist() == [i for i in range(3) for _ in range(k)]
-    assert batch["points"].shape[:2] == batch["unmarked"].shape == (3 * k, batch["points"].shape[1])
-    assert batch["done"].sum() >= 3  # every image has its k = N step
-    before = [ds[i]["marks"] for i in range(len(ds))]
-    ds.set_epoch(1)  # training draws new steps each epoch
-    assert any(not np.array_equal(b, ds[i]["marks"]) for i, b in enumerate(before))
+def train_split(data, params) -> StepDataset:
+    spec = spec_from_params(params)
+    return StepDataset(
+        data, "train", spec=spec, sampling=params.sampling, train=params.train, augment=True, seed=0
+    )
 
 
 def test_training_warns_when_scenes_hold_a_kind_nothing_says_not_to_count(tmp_path, tiny_params):
@@ -63,22 +69,57 @@ def test_training_warns_when_scenes_hold_a_kind_nothing_says_not_to_count(tmp_pa
     records = read_manifest(manifest_path(data, "train"))
     marked = [dataclasses.replace(r, extra={"num_distractors": 2}) for r in records[:2]]
     write_manifest(manifest_path(data, "train"), marked + records[2:])
-    ds = StepDataset(data, "train", tiny_params, 8, 1.0, False, augment=True, seed=0)
+    ds = train_split(data, tiny_params)
     message = warn_uncounted_kinds(ds, exemplars=False)
     assert message is not None and "2 of 6 training scenes hold distractors" in message
     assert warn_uncounted_kinds(ds, exemplars=True) is None
     write_manifest(manifest_path(data, "train"), records)
-    plain = StepDataset(data, "train", tiny_params, 8, 1.0, False, augment=True, seed=0)
+    plain = train_split(data, tiny_params)
     assert warn_uncounted_kinds(plain, exemplars=False) is None
 
 
-def test_validation_steps_are_the_same_every_epoch(tiny_dataset, tiny_params):
-    ds = StepDataset(tiny_dataset, "val", tiny_params, 8, 1.0, False, augment=False, seed=5)
-    first = ds[1]
-    ds.set_epoch(7)
-    np.testing.assert_array_equal(first["marks"], ds[1]["marks"])
+def set_up_on_cpu(params, data, tmp_path, resume: str = "never") -> Run:
+    outputs = StageOutputs(tmp_path / "models", plots_path=tmp_path / "plots" / "train.csv")
+    return set_up(
+        params, data, outputs=outputs, resume=resume, device=torch.device("cpu"), dist=DistInfo()
+    )
 
 
+def test_one_epoch_of_a_few_batches_trains_both_heads(tiny_dataset, tmp_path):
+    run = set_up_on_cpu(shrink_params(*PLAIN), tiny_dataset, tmp_path)
+    assert len(run.loader(1)) == 3  # 12 images, 4 per batch
+    before = {k: v.clone() for k, v in run.state.model.state_dict().items()}
+    metrics = train_one_epoch(run, epoch=1)
+    assert run.state.scheduler.last_epoch == 3  # one optimizer step per batch
+    assert metrics["train/lr"] == run.params.train.lr  # no schedule in PLAIN
+    for key in ("train/loss", "train/loss_spatial", "train/loss_done", "train/loss_heatmap"):
+        assert math.isfinite(metrics[key]) and metrics[key] > 0, key
+    assert metrics["grad/xy_head"] > 0 and metrics["grad/done_head"] > 0
+    assert metrics["grad/total"] > 0 and metrics["train/examples_per_second"] > 0
+    after = run.state.model.state_dict()
+    moved = {name.split(".")[0] for name, v in before.items() if not torch.equal(v, after[name])}
+    assert "stepper" in moved and "encoder" in moved
+
+
+def test_an_epoch_saved_by_save_epoch_is_resumed_by_set_up(tiny_dataset, tmp_path):
+    run = set_up_on_cpu(shrink_params(*PLAIN), tiny_dataset, tmp_path)
+    row = {"epoch": 1, **train_one_epoch(run, epoch=1)}
+    validate_epoch(run, row)
+    row["time/epoch_seconds"] = 1.0
+    best = run.state.end_epoch(1, row["val/loss"])
+    run.state.record(row, best=best)
+    save_epoch(run, best=best)
+    assert ckpt.load_checkpoint(tmp_path / "models" / "best.pt")["epoch"] == 1
+    assert [int(r["epoch"]) for r in read_plots(tmp_path)] == [1]
+    resumed = set_up_on_cpu(shrink_params(*PLAIN), tiny_dataset, tmp_path, resume="require")
+    assert (resumed.state.epoch, resumed.state.stopper.best) == (1, row["val/loss"])
+    assert resumed.state.history == [row]
+    trained = run.state.model.state_dict()
+    for name, value in resumed.state.model.state_dict().items():
+        torch.testing.assert_close(value, trained[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.slow
 def test_a_tiny_model_learns_and_writes_every_output(tiny_dataset, tmp_path):
     params = shrink_params("train.epochs=3", "train.lr=0.005")
     metrics = train(params, tiny_dataset, tmp_path)
@@ -105,6 +146,7 @@ def test_a_tiny_model_learns_and_writes_every_output(tiny_dataset, tmp_path):
     assert best["params"]["train"]["lr"] == 0.005
 
 
+@pytest.mark.slow
 def test_resume_continues_at_the_next_epoch_with_the_optimizer_state(tiny_dataset, tmp_path):
     straight = tmp_path / "straight"
     train(shrink_params("train.epochs=3", *PLAIN), tiny_dataset, straight)
@@ -124,6 +166,7 @@ def test_resume_continues_at_the_next_epoch_with_the_optimizer_state(tiny_datase
         torch.testing.assert_close(b["model_state"][name], value, msg=name)
 
 
+@pytest.mark.slow
 def test_resume_needs_matching_params(tiny_dataset, tmp_path, caplog):
     train(shrink_params("train.epochs=1", *PLAIN), tiny_dataset, tmp_path)
     changed = shrink_params("train.epochs=2", "train.lr=0.01", *PLAIN)
@@ -135,21 +178,7 @@ def test_resume_needs_matching_params(tiny_dataset, tmp_path, caplog):
     assert metrics["epochs_trained"] == 2
 
 
-def test_resume_mismatch_names_what_differs(tiny_params):
-    state = {
-        "model_spec": {"a": 1},
-        "params": tiny_params.model_dump(mode="json"),
-        "data_fingerprint": "abc",
-        "optimizer_state": {},
-    }
-    more_epochs = shrink_params("train.epochs=9", "train.patience=2", "train.max_minutes=5")
-    assert resume_mismatch(state, {"a": 1}, more_epochs, "abc") is None
-    assert "model spec" in resume_mismatch(state, {"a": 2}, tiny_params, "abc")
-    assert "data" in resume_mismatch(state, {"a": 1}, tiny_params, "xyz")
-    reason = resume_mismatch(state, {"a": 1}, shrink_params("train.loss.w_done=1.0"), "abc")
-    assert "train.loss.w_done (3.0 -> 1.0)" in reason
-
-
+@pytest.mark.slow
 def test_a_corrupt_last_checkpoint_means_a_fresh_start(tiny_dataset, tmp_path):
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "last.pt").write_bytes(b"garbage")
@@ -157,21 +186,7 @@ def test_a_corrupt_last_checkpoint_means_a_fresh_start(tiny_dataset, tmp_path):
     assert metrics["epochs_trained"] == 1
 
 
-def test_early_stopping_stops_on_a_plateau():
-    stopper = EarlyStopping(patience=3)
-    decisions = []
-    for epoch, value in enumerate([1.0, 0.8, 0.81, 0.8, math.nan, 0.9], start=1):
-        stopper.update(value, epoch)
-        decisions.append(stopper.should_stop)
-    assert decisions == [False, False, False, False, True, True]
-    assert (stopper.best, stopper.best_epoch) == (0.8, 2)
-    restored = EarlyStopping(patience=5)
-    restored.load_state_dict(stopper.state_dict())
-    assert (restored.best_epoch, restored.bad_epochs, restored.patience) == (2, 4, 5)
-    assert not restored.should_stop  # a larger patience lets a resumed run go on
-    assert restored.update(0.5, 7) and restored.bad_epochs == 0
-
-
+@pytest.mark.slow
 def test_the_time_budget_stops_after_the_epoch_that_crosses_it(tiny_dataset, tmp_path):
     params = shrink_params("train.epochs=5", "train.max_minutes=0.00001", *PLAIN)
     metrics = train(params, tiny_dataset, tmp_path)
@@ -188,6 +203,7 @@ def test_gradient_check_warns_on_vanishing_and_exploding_heads(caplog):
     assert "exploding gradient in the done_head" in caplog.text
 
 
+@pytest.mark.slow
 def test_the_mlflow_run_holds_params_metrics_pictures_and_the_checkpoint(
     tiny_dataset, tmp_path, mlflow_uri
 ):
@@ -218,6 +234,7 @@ def test_the_mlflow_run_holds_params_metrics_pictures_and_the_checkpoint(
     ]
 
 
+@pytest.mark.slow
 def test_done_is_higher_with_every_object_marked_than_with_none(tmp_path):
     data = make_tiny_dataset(tmp_path / "prepared", num_train=24, num_val=8)
     params = shrink_params("train.epochs=8", "train.lr=0.005", "train.rollout_images=0")
@@ -240,6 +257,8 @@ def test_done_is_higher_with_every_object_marked_than_with_none(tmp_path):
     assert np.mean(gaps) > 0.2, gaps
 
 
+@pytest.mark.slow
+@pytest.mark.e2e  # joins a gloo process group on a local port
 def test_torchrun_environment_trains_with_ddp_on_gloo(tiny_dataset, tmp_path, monkeypatch):
     for key, value in {
         "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
@@ -252,6 +271,7 @@ def test_torchrun_environment_trains_with_ddp_on_gloo(tiny_dataset, tmp_path, mo
     assert not torch.distributed.is_initialized()  # the process group was closed
 
 
+@pytest.mark.slow
 def test_cli_train_writes_the_stage_outputs(tiny_dataset, tmp_path, capsys):
     sets = [arg for o in (*TINY_OVERRIDES, "train.epochs=1", *PLAIN) for arg in ("--set", o)]
     argv = ["train", "--params", str(ROOT / "params.yaml"), *sets, "--data", str(tiny_dataset)]
@@ -270,30 +290,7 @@ def test_cli_train_writes_the_stage_outputs(tiny_dataset, tmp_path, capsys):
     assert "dataset.json" in capsys.readouterr().err
 
 
-def test_nearest_unmarked_scores_against_the_closest_unmarked_object(tiny_params):
-    points = torch.tensor([[[-0.5, -0.5], [0.5, 0.5], [0.0, 0.9]]] * 2)
-    batch = {
-        "done": torch.tensor([0.0, 1.0]),
-        "target_xy": torch.tensor([[0.5, 0.5], [0.0, 0.0]]),  # ordered: object 1 is next
-        "points": points,
-        "unmarked": torch.tensor([[False, True, True], [False, False, False]]),
-    }
-    out = StepOutput(
-        xy=torch.tensor([[0.05, 0.85], [0.3, 0.3]]),
-        done_logit=torch.zeros(2),
-        heat_logits=torch.zeros(2, 8, 8),
-    )
-    nearest = compute_step_losses(out, batch, shrink_params("train.target=nearest_unmarked").train)
-    ordered = compute_step_losses(out, batch, tiny_params.train)
-    torch.testing.assert_close(nearest.target_xy, torch.tensor([[0.0, 0.9], [0.0, 0.0]]))
-    torch.testing.assert_close(ordered.target_xy, torch.tensor([[0.5, 0.5], [0.0, 0.0]]))
-    assert nearest.spatial[0] < 0.02 < ordered.spatial[0]
-    assert nearest.live.tolist() == [True, False]
-    reduced = reduce_losses(nearest, tiny_params.train)
-    assert all(torch.isfinite(v) for v in reduced.values())
-    assert reduced["loss_spatial"] == pytest.approx(float(nearest.spatial[0]))  # done step out
-
-
+@pytest.mark.slow
 def test_workers_exemplars_and_nearest_unmarked_train(tiny_dataset, tmp_path):
     params = shrink_params(
         "train.epochs=1", "train.num_workers=2", "model.exemplars=true",
