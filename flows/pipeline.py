@@ -3,7 +3,8 @@
 ``pipeline(overrides, promote)``, in the project workspace (the current directory; a
 deployment's pull step sets it):
 
-1. write ``overrides`` into ``params.yaml`` (what ``dvc exp run -S`` does to the workspace);
+1. write ``overrides`` into ``params.yaml`` (what ``dvc exp run -S`` does to the workspace,
+   ``seqops.params_file``);
 2. open an MLflow parent run named after the Prefect flow run;
 3. ``dvc repro <stage>`` for prepare -> train -> export -> evaluate, each a task whose output
    is streamed line by line into the Prefect logs; the stages' MLflow runs nest under the
@@ -23,7 +24,7 @@ nothing. Keys are checked against the typed config before anything is written.
 Each task runs ``dvc repro <stage>`` (not ``-s``): a task is then correct on its own (a rerun
 of one task reproduces what that stage needs), and the upstream checks cost little since the
 previous task has just brought them up to date. One flow run holds the workspace at a time
-(a file lock in ``.dvc/tmp``, see ``flows.workspace``).
+(a file lock in ``.dvc/tmp``, see ``seqops.workspace``).
 
 From the project root, on Prefect's ephemeral server when no ``PREFECT_API_URL`` is set:
 ``python -m flows.pipeline --set train.epochs=3``. Deployments load the same function from
@@ -44,16 +45,16 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.workspace import (
+from seqops.cli import add_overrides_argument
+from seqops.config import ConfigError, Params, load_params, parse_override
+from seqops.params_file import write_overrides
+from seqops.workspace import (
     read_data_identity,
     read_stage_metrics,
     run_streaming,
     stage_env,
     workspace_lock,
-    write_overrides,
 )
-from seqops.cli import add_overrides_argument
-from seqops.config import ConfigError, Params, load_params, parse_override
 
 STAGES = ("prepare", "train", "export", "evaluate")
 MLFLOW_UI_ENV = "SEQOPS_MLFLOW_UI_URL"  # where links point when tracking is not an HTTP server
@@ -134,20 +135,13 @@ def promote_task(
     """Compare the evaluation with @champion and move the alias when better (``apply``)."""
     from mlflow import MlflowClient
 
-    from seqops.promote import PromotionError, promote_model
-    from seqops.registry import CANDIDATE_ALIAS, REGISTERED_NAME
+    from seqops.promote import find_candidate_version, promote_model
+    from seqops.registry import REGISTERED_NAME
     from seqops.tracking import resolve_tracking_uri
 
     client = MlflowClient(resolve_tracking_uri())
     name = export_info.get("registered_model") or REGISTERED_NAME
-    version = export_info.get("registered_version")
-    if version is None:  # the export stage's output lacks it: the alias export maintains
-        version = client.get_registered_model(name).aliases.get(CANDIDATE_ALIAS)
-        if version is None:
-            raise PromotionError(
-                f"the export stage's metrics name no registered version and no version of "
-                f"{name!r} holds @{CANDIDATE_ALIAS}: nothing to promote"
-            )
+    version = find_candidate_version(client, name, export_info.get("registered_version"))
     decision = promote_model(
         client, name, version, metrics, params.promote, apply=apply, dataset=dataset
     )

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from seqops.config import PromoteConfig
+from seqops.registry import CANDIDATE_ALIAS
 
 log = logging.getLogger(__name__)
 
@@ -128,20 +129,59 @@ def read_champion(
 
 
 def record_evaluation(
-    client: Any, model_name: str, version: str, metrics: Mapping[str, float], dataset: str | None
+    client: Any,
+    model_name: str,
+    version: str,
+    metrics: Mapping[str, float],
+    dataset: str | None,
+    *,
+    keep: str | None = None,
 ) -> None:
-    """Store an evaluation on its model version, so later candidates compare against it."""
-    text = json.dumps(dict(metrics), sort_keys=True)
-    if len(text) > _MAX_TAG_CHARS:  # keep what fits; the promotion metric is checked below
-        kept: dict[str, float] = {}
-        for key in sorted(metrics):
-            if len(json.dumps({**kept, key: metrics[key]})) > _MAX_TAG_CHARS:
-                break
-            kept[key] = metrics[key]
-        text = json.dumps(kept, sort_keys=True)
+    """Store an evaluation on its model version, so later candidates compare against it.
+
+    MLflow caps a tag value at 5000 characters: a longer evaluation keeps ``keep`` (the
+    promotion metric) and then as many other metrics, in key order, as fit.
+    """
+    text = _evaluation_tag_text(metrics, keep)
     client.set_model_version_tag(model_name, version, EVALUATION_TAG, text)
     if dataset:
         client.set_model_version_tag(model_name, version, DATASET_TAG, dataset)
+
+
+def _evaluation_tag_text(metrics: Mapping[str, float], keep: str | None) -> str:
+    """The metrics as JSON within MLflow's tag limit, ``keep`` first among those kept."""
+    text = json.dumps(dict(metrics), sort_keys=True)
+    if len(text) <= _MAX_TAG_CHARS:
+        return text
+    # The promotion metric goes in first: a champion whose tag lost it has no known value,
+    # and such a champion is never replaced automatically.
+    kept: dict[str, float] = {}
+    for key in sorted(metrics, key=lambda name: (name != keep, name)):
+        if len(json.dumps({**kept, key: metrics[key]})) > _MAX_TAG_CHARS:
+            break
+        kept[key] = metrics[key]
+    return json.dumps(kept, sort_keys=True)
+
+
+def find_candidate_version(
+    client: Any, model_name: str, version: str | int | None, alias: str = CANDIDATE_ALIAS
+) -> str:
+    """The version to promote: ``version`` when given, else the one holding ``alias``.
+
+    The export stage names the version it registered; when its output lacks it, the
+    ``candidate`` alias that export maintains says which one it was.
+
+    Raises:
+        PromotionError: no version given and none holds ``alias``.
+    """
+    if version is None:
+        version = client.get_registered_model(model_name).aliases.get(alias)
+        if version is None:
+            raise PromotionError(
+                f"no registered version given and no version of {model_name!r} holds "
+                f"@{alias}: nothing to promote"
+            )
+    return str(version)
 
 
 def promote_model(
@@ -168,29 +208,50 @@ def promote_model(
         alias: the alias to move.
 
     Returns:
-        The decision: ``model_name``, ``version``, ``metric``, ``higher_is_better``, ``value``,
-        ``champion_version``, ``champion_value``, ``delta`` (value - champion value),
-        ``same_dataset``, ``promoted`` (the alias now points, or would point, at this version
-        because of this decision), ``applied``, ``reason``, and the flattened ``metrics`` and
-        ``champion_metrics``.
+        The decision (see :func:`decide_promotion`), with ``applied``: whether the registry
+        was written to.
 
     Raises:
         PromotionError: the metric is missing or not finite, or the version does not exist.
     """
-    from mlflow.exceptions import MlflowException
-
     version = str(version)
     flat = flatten_metrics(metrics)
-    metric = config.metric
-    if metric not in flat:
-        known = ", ".join(sorted(flat)) or "none"
+    _check_promotion_metric(flat, config.metric)
+    _check_version_exists(client, model_name, version)
+    champion = read_champion(client, model_name, config.metric, alias)
+    decision = decide_promotion(model_name, version, flat, config, champion, dataset, alias)
+    decision["applied"] = apply
+    if champion is not None and decision["same_dataset"] is False:
+        log.warning(
+            "champion v%s was evaluated on other data (%s, now %s): the comparison is indicative",
+            champion["version"],
+            champion["dataset"],
+            dataset,
+        )
+    if apply:
+        _apply_decision(client, decision, dataset, alias)
+    outcome = f"promoted to @{alias}" if decision["promoted"] else "not promoted"
+    log.info("%s v%s: %s (%s)", model_name, version, outcome, decision["reason"])
+    return decision
+
+
+def _check_promotion_metric(metrics: Mapping[str, float], metric: str) -> None:
+    """Raise ``PromotionError`` unless ``metric`` is among the metrics and finite."""
+    if metric not in metrics:
+        known = ", ".join(sorted(metrics)) or "none"
         raise PromotionError(
             f"evaluation has no numeric metric {metric!r} (params.yaml promote.metric); "
             f"available: {known}"
         )
-    value = flat[metric]
+    value = metrics[metric]
     if not math.isfinite(value):
         raise PromotionError(f"evaluation metric {metric!r} is {value}; cannot compare it")
+
+
+def _check_version_exists(client: Any, model_name: str, version: str) -> None:
+    """Raise ``PromotionError`` when the registry has no such model version."""
+    from mlflow.exceptions import MlflowException
+
     try:
         client.get_model_version(model_name, version)
     except MlflowException as exc:
@@ -198,77 +259,92 @@ def promote_model(
             raise PromotionError(f"model {model_name!r} has no version {version}") from exc
         raise
 
-    champion = read_champion(client, model_name, metric, alias)
+
+def decide_promotion(
+    model_name: str,
+    version: str,
+    metrics: Mapping[str, float],
+    config: PromoteConfig,
+    champion: Mapping[str, Any] | None,
+    dataset: str | None = None,
+    alias: str = CHAMPION_ALIAS,
+) -> dict[str, Any]:
+    """The decision about a candidate, without touching the registry.
+
+    Args:
+        metrics: the candidate's flattened evaluation; it holds ``config.metric``.
+        champion: what :func:`read_champion` returned (``None``: no model holds ``alias``).
+
+    Returns:
+        ``model_name``, ``version``, ``metric``, ``higher_is_better``, ``value``,
+        ``champion_version``, ``champion_value``, ``delta`` (value - champion value),
+        ``same_dataset``, ``promoted`` (the alias should point at this version), ``reason``,
+        and the flattened ``metrics`` and ``champion_metrics``.
+    """
     decision: dict[str, Any] = {
         "model_name": model_name,
         "version": version,
-        "metric": metric,
+        "metric": config.metric,
         "higher_is_better": config.higher_is_better,
-        "value": value,
+        "value": metrics[config.metric],
         "champion_version": None,
         "champion_value": None,
         "delta": None,
         "same_dataset": None,
         "promoted": False,
-        "applied": apply,
-        "reason": "",
-        "metrics": flat,
+        "reason": f"no model holds @{alias} yet",
+        "metrics": dict(metrics),
         "champion_metrics": {},
     }
     if champion is None:
-        decision.update(promoted=True, reason=f"no model holds @{alias} yet")
-    else:
-        decision.update(
-            champion_version=champion["version"],
-            champion_value=champion["value"],
-            champion_metrics=champion["metrics"],
-        )
-        if dataset and champion["dataset"]:
-            decision["same_dataset"] = dataset == champion["dataset"]
-        if champion["version"] == version:
-            decision["delta"] = 0.0
-            decision["reason"] = f"v{version} already holds @{alias}"
-        elif champion["value"] is None:
-            decision["reason"] = (
-                f"champion v{champion['version']} has no recorded {metric!r}; @{alias} left as is"
-            )
-        else:
-            delta = value - champion["value"]
-            better = is_better(value, champion["value"], config.higher_is_better)
-            direction = "higher" if config.higher_is_better else "lower"
-            verdict = "better" if better else "not better"
-            decision.update(
-                delta=delta,
-                promoted=better,
-                reason=(
-                    f"{metric} {value:.6g} vs champion v{champion['version']} "
-                    f"{champion['value']:.6g}: {verdict} ({direction} is better)"
-                ),
-            )
-    if decision["same_dataset"] is False:
-        log.warning(
-            "champion v%s was evaluated on other data (%s, now %s): the comparison is indicative",
-            decision["champion_version"],
-            champion["dataset"] if champion else None,
-            dataset,
-        )
-
-    if apply:
-        record_evaluation(client, model_name, version, flat, dataset)
-        if decision["promoted"]:
-            client.set_registered_model_alias(model_name, alias, version)
-        outcome = "promoted" if decision["promoted"] else "not promoted"
-        client.set_model_version_tag(
-            model_name, version, DECISION_TAG, f"{outcome}: {decision['reason']}"[:_MAX_TAG_CHARS]
-        )
-    log.info(
-        "%s v%s: %s (%s)",
-        model_name,
-        version,
-        "promoted to @" + alias if decision["promoted"] else "not promoted",
-        decision["reason"],
+        decision["promoted"] = True
+        return decision
+    decision.update(
+        champion_version=champion["version"],
+        champion_value=champion["value"],
+        champion_metrics=champion["metrics"],
     )
+    if dataset and champion["dataset"]:
+        decision["same_dataset"] = dataset == champion["dataset"]
+    decision.update(_compare_with_champion(decision, alias))
     return decision
+
+
+def _compare_with_champion(decision: Mapping[str, Any], alias: str) -> dict[str, Any]:
+    """``delta``, ``promoted`` and ``reason`` of a decision against a known champion."""
+    version, metric, value = decision["version"], decision["metric"], decision["value"]
+    champion_version, champion_value = decision["champion_version"], decision["champion_value"]
+    if champion_version == version:
+        return {"delta": 0.0, "reason": f"v{version} already holds @{alias}"}
+    if champion_value is None:
+        reason = f"champion v{champion_version} has no recorded {metric!r}; @{alias} left as is"
+        return {"reason": reason}
+    better = is_better(value, champion_value, decision["higher_is_better"])
+    direction = "higher" if decision["higher_is_better"] else "lower"
+    verdict = "better" if better else "not better"
+    return {
+        "delta": value - champion_value,
+        "promoted": better,
+        "reason": (
+            f"{metric} {value:.6g} vs champion v{champion_version} {champion_value:.6g}: "
+            f"{verdict} ({direction} is better)"
+        ),
+    }
+
+
+def _apply_decision(
+    client: Any, decision: Mapping[str, Any], dataset: str | None, alias: str
+) -> None:
+    """Record the evaluation and the decision on the version; move ``alias`` if promoted."""
+    model_name, version = decision["model_name"], decision["version"]
+    record_evaluation(
+        client, model_name, version, decision["metrics"], dataset, keep=decision["metric"]
+    )
+    if decision["promoted"]:
+        client.set_registered_model_alias(model_name, alias, version)
+    outcome = "promoted" if decision["promoted"] else "not promoted"
+    note = f"{outcome}: {decision['reason']}"[:_MAX_TAG_CHARS]
+    client.set_model_version_tag(model_name, version, DECISION_TAG, note)
 
 
 def _fmt(value: float | None, sign: str = "") -> str:

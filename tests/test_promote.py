@@ -1,8 +1,10 @@
 """Promotion against a real MLflow registry (a temporary SQLite store, versions from tiny files)."""
 
 import itertools
+import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -13,10 +15,13 @@ from seqops.promote import (
     DECISION_TAG,
     EVALUATION_TAG,
     PromotionError,
+    decide_promotion,
+    find_candidate_version,
     flatten_metrics,
     format_decision,
     is_better,
     promote_model,
+    record_evaluation,
 )
 
 LOWER = PromoteConfig(metric="count_mae", higher_is_better=False)
@@ -78,6 +83,67 @@ def test_is_better_follows_direction_and_a_tie_is_not_better():
     assert is_better(0.9, 0.8, higher_is_better=True)
     assert not is_better(0.5, 0.5, higher_is_better=False)
     assert not is_better(0.5, 0.5, higher_is_better=True)
+
+
+def _champion(version: str, value: float | None, dataset: str | None = None) -> dict:
+    """What ``read_champion`` returns for a champion with ``count_mae`` = ``value``."""
+    metrics = {} if value is None else {"count_mae": value}
+    return {"version": version, "value": value, "metrics": metrics, "dataset": dataset,
+            "source": "evaluation" if metrics else None}  # fmt: skip
+
+
+def test_decide_promotion_compares_with_the_champion():
+    first = decide_promotion("m", "1", {"count_mae": 0.8}, LOWER, None)
+    assert first["promoted"] and first["reason"] == "no model holds @champion yet"
+    better = decide_promotion("m", "2", {"count_mae": 0.5}, LOWER, _champion("1", 0.8), "d:a")
+    assert better["promoted"] and math.isclose(better["delta"], -0.3)
+    assert better["same_dataset"] is None  # the champion's data is unknown: nothing to compare
+    worse = decide_promotion("m", "3", {"count_mae": 0.9}, LOWER, _champion("2", 0.5, "d:a"), "d:b")
+    assert not worse["promoted"] and worse["same_dataset"] is False
+    assert "not better (lower is better)" in worse["reason"]
+    unknown = decide_promotion("m", "4", {"count_mae": 0.1}, LOWER, _champion("2", None))
+    assert not unknown["promoted"] and "no recorded 'count_mae'" in unknown["reason"]
+    same = decide_promotion("m", "2", {"count_mae": 0.5}, LOWER, _champion("2", 0.5))
+    assert not same["promoted"] and same["delta"] == 0.0
+
+
+class _TagRecorder:
+    """Stands in for ``MlflowClient``: records model version tags and knows one alias."""
+
+    def __init__(self, aliases: dict | None = None):
+        self.tags: dict[str, str] = {}
+        self.aliases = aliases or {}
+
+    def set_model_version_tag(self, name, version, key, value):
+        assert len(value) <= 5000  # MLflow's limit on a tag value
+        self.tags[key] = value
+
+    def get_registered_model(self, name):
+        return SimpleNamespace(aliases=self.aliases)
+
+
+def _long_evaluation(metric_value: float) -> dict[str, float]:
+    """An evaluation too long for one tag, with ``count_mae`` sorted after most keys."""
+    metrics = {f"a_bucket_{i:03d}": i / 7 for i in range(300)}
+    return {**metrics, "count_mae": metric_value}
+
+
+def test_a_long_evaluation_keeps_the_promotion_metric():
+    client = _TagRecorder()
+    metrics = _long_evaluation(0.25)
+    assert len(json.dumps(metrics)) > 5000
+    record_evaluation(client, "m", "1", metrics, "d:a", keep="count_mae")
+    stored = json.loads(client.tags[EVALUATION_TAG])
+    assert stored["count_mae"] == 0.25
+    assert 100 < len(stored) < len(metrics)  # the rest is cut to fit
+    assert client.tags[DATASET_TAG] == "d:a"
+
+
+def test_find_candidate_version_falls_back_to_the_candidate_alias():
+    assert find_candidate_version(_TagRecorder(), "m", 3) == "3"
+    assert find_candidate_version(_TagRecorder({"candidate": 5}), "m", None) == "5"
+    with pytest.raises(PromotionError, match="no version of 'm' holds @candidate"):
+        find_candidate_version(_TagRecorder(), "m", None)
 
 
 # --- against the registry (slow: importing MLflow and creating its tables takes ~10 s) ---
@@ -197,3 +263,13 @@ def test_format_decision_puts_the_metric_first_with_the_difference(client, model
     assert rows[1] == "| **count_mae** | 0.5 | 0.8 | -0.3 |"
     assert rows[2] == "| f1 | 0.75 | 0.5 | +0.25 |"
     assert "promoted to @champion" in text
+
+
+@pytest.mark.slow
+def test_a_champion_with_a_long_evaluation_is_replaced_by_a_better_one(client, model):
+    v1, v2 = register(client, model), register(client, model)
+    promote_model(client, model, v1, _long_evaluation(0.8), LOWER)
+    assert '"count_mae": 0.8' in client.get_model_version(model, v1).tags[EVALUATION_TAG]
+    decision = promote_model(client, model, v2, _long_evaluation(0.5), LOWER)
+    assert decision["champion_value"] == 0.8 and decision["promoted"]
+    assert champion_of(client, model) == v2

@@ -10,26 +10,15 @@ orchestration, not part of the product. ``make_project_workspace``: the real pip
 
 from __future__ import annotations
 
-import importlib
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-def import_flows() -> tuple[Any, Any]:
-    """``(flows.pipeline, flows.workspace)``, imported from the project root as
-    ``python -m flows.pipeline`` and Prefect's entrypoint loader do (pytest itself puts only
-    ``tests/`` on ``sys.path``)."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    return importlib.import_module("flows.pipeline"), importlib.import_module("flows.workspace")
 
 
 STAND_IN = '''
