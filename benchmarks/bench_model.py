@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from seqops.config import ExportConfig
+from seqops.config import load_params
 from seqops.contract import ENCODER_FILE, STEP_FILE
 from seqops.export import export_graphs
 from seqops.model import ORDER_PRIORS, PRESETS, ModelSpec, SeqCounter
@@ -89,7 +89,8 @@ def _onnx_sessions(model: SeqCounter) -> tuple:
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
-        export_graphs(model, Path(tmp), ExportConfig().opset, metadata={})
+        opset = load_params(Path(__file__).resolve().parents[1] / "params.yaml").export.opset
+        export_graphs(model, Path(tmp), opset, metadata={})
         return tuple(
             ort.InferenceSession(str(Path(tmp) / name), options, providers=["CPUExecutionProvider"])
             for name in (ENCODER_FILE, STEP_FILE)

@@ -33,7 +33,8 @@ from PIL import Image
 from torch import nn
 
 from seqops import imaging
-from seqops.export import build_metadata, export_graph, export_model
+from seqops.config import load_params
+from seqops.export import GraphIO, build_metadata, export_graph, export_model
 from seqops.io import atomic_write_json
 from seqops.model import ModelSpec, SeqCounter
 from seqops.predictor import Predictor, session_options
@@ -75,18 +76,24 @@ class TimedSession:
 def export_models(spec: ModelSpec, root: Path) -> dict[str, Path]:
     """Export a never-done and an at-once-done model, and the never-done one as one graph."""
     dirs = {}
+    params = load_params()  # the project's params.yaml (run from the repository root)
     for name, bias in (("never", -20.0), ("done", 20.0)):
         model = make_untrained_model(spec, seed=0, done_bias=bias)
-        metadata = build_metadata(spec, {}, 0.5, f"bench-{name}", None)
+        metadata = build_metadata(
+            spec, params.model_dump(mode="json"), done_threshold=params.evaluate.done_threshold,
+            model_version=f"bench-{name}", run_id=None,
+        )  # fmt: skip
         dirs[name] = root / f"{spec.preset}-{name}"
-        export_model(model, dirs[name], metadata, extra_info={"model_spec": spec.to_dict()})
+        export_model(
+            model, dirs[name], metadata, params.export, extra_info={"model_spec": spec.to_dict()}
+        )
         if name == "never":
             image = torch.zeros(2, 3, spec.image_size, spec.image_size)
             marks = torch.zeros(2, 1, spec.grid, spec.grid)
             dirs["forward"] = root / f"{spec.preset}-forward.onnx"
             export_graph(
-                ForwardGraph(model), (image, marks), ["image", "marks"], ["xy", "done"], 18,
-                metadata, dirs["forward"],
+                ForwardGraph(model), (image, marks), GraphIO(("image", "marks"), ("xy", "done")),
+                dirs["forward"], opset=params.export.opset, metadata=metadata,
             )  # fmt: skip
     return dirs
 

@@ -44,13 +44,19 @@ from seqops.io import atomic_write_json, free_port
 
 def export_bench_model(out_dir: Path, image_size: int, preset: str) -> Path:
     """A random-init network whose done head never fires (count = max_objects)."""
+    from seqops.config import load_params
     from seqops.export import build_metadata, export_model
     from seqops.model import ModelSpec
     from seqops.testing import make_untrained_model
 
+    params = load_params()  # the project's params.yaml (run from the repository root)
     spec = ModelSpec.from_preset(preset, image_size, False)
     model = make_untrained_model(spec, seed=0, done_bias=-12.0)
-    export_model(model, out_dir, build_metadata(spec, {}, 0.5, "bench", None), opset=18)
+    metadata = build_metadata(
+        spec, params.model_dump(mode="json"), done_threshold=params.evaluate.done_threshold,
+        model_version="bench", run_id=None,
+    )  # fmt: skip
+    export_model(model, out_dir, metadata, params.export)
     return out_dir
 
 

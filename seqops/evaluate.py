@@ -21,6 +21,7 @@ import logging
 import math
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,8 @@ import numpy as np
 
 from seqops import imaging
 from seqops import scoring as M
-from seqops.config import Params
+from seqops.config import EvaluateConfig, Params
+from seqops.contract import MAX_EXEMPLARS
 from seqops.data.manifest import Record, manifest_path, read_dataset_info, read_manifest
 from seqops.io import atomic_directory, atomic_write_json
 
@@ -57,7 +59,7 @@ def prepare_record(predictor: Any, data_dir: Path, record: Record) -> Any:
     if not predictor.info.exemplars:
         return predictor.prepare(image)
     size = predictor.info.image_size
-    boxes = np.clip(record.exemplars_array()[:3], 0, size)
+    boxes = np.clip(record.exemplars_array()[:MAX_EXEMPLARS], 0, size)
     boxes = boxes[(boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])]
     if len(boxes):
         return predictor.prepare(image, boxes.tolist())
@@ -103,27 +105,65 @@ def evaluate_image(
     return row, match, probs, labels
 
 
-def summarise(
-    rows: list[dict[str, Any]],
-    matches: list[M.MatchResult],
-    probs: np.ndarray,
-    labels: np.ndarray,
-    radius: float,
-    done_threshold: float = 0.5,
-) -> dict[str, Any]:
-    """The stage's metrics from the per-image results (one flat dict: DVC and MLflow)."""
+@dataclass(frozen=True)
+class Split:
+    """One split of a prepared dataset: where it is, its name and its records."""
+
+    data_dir: Path
+    name: str
+    records: list[Record]
+
+
+@dataclass
+class Scores:
+    """The per-image results over a split, as they accumulate."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    matches: list[M.MatchResult] = field(default_factory=list)
+    done_probs: list[np.ndarray] = field(default_factory=list)
+    done_labels: list[np.ndarray] = field(default_factory=list)
+    seconds: float = 0.0  # wall time of the predictor and the scoring
+
+    def add(
+        self, row: dict[str, Any], match: M.MatchResult, probs: np.ndarray, labels: np.ndarray
+    ) -> None:
+        """Add one image's results (as :func:`evaluate_image` returns them)."""
+        self.rows.append(row)
+        self.matches.append(match)
+        self.done_probs.append(probs)
+        self.done_labels.append(labels)
+
+    def steps(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every step's done probability and its observed label, over all images."""
+        if not self.rows:
+            return np.zeros(0), np.zeros(0)
+        return np.concatenate(self.done_probs), np.concatenate(self.done_labels)
+
+
+def summarise(scores: Scores, settings: EvaluateConfig) -> dict[str, Any]:
+    """The stage's metrics from the per-image results (one flat dict: DVC and MLflow);
+    an undefined metric (an empty bucket) is None."""
+    rows = scores.rows
+    probs, labels = scores.steps()
     out: dict[str, Any] = {
         "num_images": len(rows),
         "num_objects": int(sum(r["true_count"] for r in rows)),
         "num_predictions": int(sum(r["pred_count"] for r in rows)),
     }
     out.update(M.count_metrics([r["pred_count"] for r in rows], [r["true_count"] for r in rows]))
-    out.update(M.localisation_metrics(matches, radius))
-    out.update(M.calibration_metrics(probs, labels, threshold=done_threshold))
+    out.update(M.localisation_metrics(scores.matches, settings.match_radius_px))
+    out.update(M.calibration_metrics(probs, labels, threshold=settings.done_threshold))
     stops = Counter(r["stop"] for r in rows)
     for kind in ("early", "on_time", "late", "guard"):
         out[f"stop_{kind}_rate"] = stops[kind] / len(rows) if rows else math.nan
-    return out
+    out["latency_ms_per_image"] = 1e3 * scores.seconds / len(rows) if rows else math.nan
+    out["steps_per_image"] = len(probs) / len(rows) if rows else math.nan
+    return _json_safe(out)
+
+
+def reliability(scores: Scores) -> list[dict[str, Any]]:
+    """The done head's reliability table over every step (``calibration.json``)."""
+    return [_json_safe(r) for r in M.reliability_table(*scores.steps())]
 
 
 def _pick_worst(rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
@@ -132,6 +172,7 @@ def _pick_worst(rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]], fields: list[str]) -> None:
+    """Write ``fields`` of ``rows`` as CSV; NaN as an empty cell."""
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
@@ -140,6 +181,7 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], fields: list[str]) -> Non
 
 
 def _is_nan(value: Any) -> bool:
+    """True for a float NaN."""
     return isinstance(value, float) and math.isnan(value)
 
 
@@ -149,6 +191,7 @@ def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def _draw_worst(data_dir: Path, by_id: dict[str, Record], worst: list[dict], out: Path) -> None:
+    """Draw each worst image's predicted and true points to ``out/<rank>_<id>.png``."""
     from seqops.draw import draw_rollout
 
     out.mkdir(parents=True, exist_ok=True)
@@ -160,10 +203,71 @@ def _draw_worst(data_dir: Path, by_id: dict[str, Record], worst: list[dict], out
         picture.save(out / f"{rank:02d}_{safe_id}.png")
 
 
+def require_image_size(data_dir: str | Path, image_size: int, model: str | Path) -> None:
+    """An :class:`EvaluateError` unless the dataset was prepared at ``image_size`` (the
+    input size of ``model``)."""
+    info = read_dataset_info(Path(data_dir))
+    if int(info.get("image_size", -1)) != image_size:
+        raise EvaluateError(
+            f"{data_dir}/dataset.json: image_size {info.get('image_size')} differs from the "
+            f"model's {image_size} ({model}); prepare the data at the model's size"
+        )
+
+
+def read_split(data_dir: str | Path, name: str) -> Split:
+    """The records of split ``name`` of the prepared dataset at ``data_dir``."""
+    records = read_manifest(manifest_path(data_dir, name))
+    if not records:
+        raise EvaluateError(f"{manifest_path(data_dir, name)}: no images to evaluate")
+    return Split(Path(data_dir), name, records)
+
+
+def score_split(predictor: Any, split: Split, settings: EvaluateConfig, batch_size: int) -> Scores:
+    """Count every image of ``split`` with ``predictor``, ``batch_size`` images per batch
+    (each image still stops on its own), and score each against its record."""
+    scores = Scores()
+    started = time.perf_counter()
+    for i in range(0, len(split.records), batch_size):
+        batch = split.records[i : i + batch_size]
+        images = [prepare_record(predictor, split.data_dir, r) for r in batch]
+        predictions = predictor.predict(
+            images, max_objects=settings.max_objects, done_threshold=settings.done_threshold
+        )
+        for record, prediction in zip(batch, predictions, strict=True):
+            scores.add(*evaluate_image(record, prediction, settings.match_radius_px))
+    scores.seconds = time.perf_counter() - started
+    return scores
+
+
+def write_plots(plots_dir: str | Path, scores: Scores) -> None:
+    """``counts.csv`` (true vs predicted count per image) and ``calibration.csv`` (the
+    reliability table's non-empty bins), replacing ``plots_dir``."""
+    with atomic_directory(plots_dir) as tmp:
+        _write_csv(tmp / COUNTS_CSV, scores.rows, ["id", "true_count", "pred_count", "abs_err"])
+        _write_csv(
+            tmp / CALIBRATION_CSV,
+            [r for r in reliability(scores) if r["steps"]],
+            ["bin_lower", "bin_upper", "steps", "mean_done_prob", "observed_done_rate"],
+        )
+
+
+def write_report(out_dir: str | Path, split: Split, scores: Scores, worst_images: int) -> None:
+    """``per_image.jsonl``, ``calibration.json`` and pictures of the ``worst_images`` worst
+    images under ``worst/``, replacing ``out_dir``."""
+    with atomic_directory(out_dir) as tmp:
+        with open(tmp / "per_image.jsonl", "w") as f:
+            for row in scores.rows:
+                f.write(json.dumps(row) + "\n")
+        atomic_write_json(tmp / "calibration.json", reliability(scores))
+        worst = _pick_worst(scores.rows, worst_images)
+        _draw_worst(split.data_dir, {r.id: r for r in split.records}, worst, tmp / "worst")
+
+
 def run_evaluate(
     params: Params,
     model: str | Path,
     data_dir: str | Path,
+    *,
     split: str = "test",
     metrics_path: str | Path | None = None,
     plots_dir: str | Path | None = None,
@@ -180,7 +284,7 @@ def run_evaluate(
         metrics_path: the metrics JSON (``metrics/evaluate.json``).
         plots_dir: ``counts.csv`` and ``calibration.csv`` go here.
         out_dir: the report directory (per-image results, worst pictures).
-        track: log metrics (``test/<name>``) and the report into the model's training run.
+        track: log metrics (``<split>/<name>``) and the report into the model's training run.
         batch_size: images per predictor batch (each image still stops on its own).
 
     Returns:
@@ -188,69 +292,33 @@ def run_evaluate(
     """
     from seqops.predictor import Predictor
 
-    cfg = params.evaluate
-    data_dir = Path(data_dir)
     predictor = Predictor.load(model, device=device)
-    info = read_dataset_info(data_dir)
-    if int(info.get("image_size", -1)) != predictor.info.image_size:
-        raise EvaluateError(
-            f"{data_dir}/dataset.json: image_size {info.get('image_size')} differs from the "
-            f"model's {predictor.info.image_size} ({model}); prepare the data at the model's size"
-        )
-    records = read_manifest(manifest_path(data_dir, split))
-    if not records:
-        raise EvaluateError(f"{manifest_path(data_dir, split)}: no images to evaluate")
-
-    rows, matches, all_probs, all_labels = [], [], [], []
-    started = time.perf_counter()
-    for i in range(0, len(records), batch_size):
-        batch = records[i : i + batch_size]
-        images = [prepare_record(predictor, data_dir, r) for r in batch]
-        predictions = predictor.predict(
-            images, max_objects=cfg.max_objects, done_threshold=cfg.done_threshold
-        )
-        for record, prediction in zip(batch, predictions, strict=True):
-            row, match, probs, labels = evaluate_image(record, prediction, cfg.match_radius_px)
-            rows.append(row)
-            matches.append(match)
-            all_probs.append(probs)
-            all_labels.append(labels)
-    elapsed = time.perf_counter() - started
-    probs, labels = np.concatenate(all_probs), np.concatenate(all_labels)
-    metrics = summarise(rows, matches, probs, labels, cfg.match_radius_px, cfg.done_threshold)
-    metrics["latency_ms_per_image"] = 1e3 * elapsed / len(records)
-    metrics["steps_per_image"] = float(len(probs) / len(records))
-    metrics = _json_safe(metrics)
-    table = [_json_safe(r) for r in M.reliability_table(probs, labels)]
-
+    require_image_size(data_dir, predictor.info.image_size, model)
+    data = read_split(data_dir, split)
+    scores = score_split(predictor, data, params.evaluate, batch_size)
+    metrics = summarise(scores, params.evaluate)
     if plots_dir is not None:
-        with atomic_directory(plots_dir) as tmp:
-            _write_csv(tmp / COUNTS_CSV, rows, ["id", "true_count", "pred_count", "abs_err"])
-            _write_csv(
-                tmp / CALIBRATION_CSV,
-                [r for r in table if r["steps"]],
-                ["bin_lower", "bin_upper", "steps", "mean_done_prob", "observed_done_rate"],
-            )
+        write_plots(plots_dir, scores)
     if out_dir is not None:
-        with atomic_directory(out_dir) as tmp:
-            with open(tmp / "per_image.jsonl", "w") as f:
-                for row in rows:
-                    f.write(json.dumps(row) + "\n")
-            atomic_write_json(tmp / "calibration.json", table)
-            by_id = {r.id: r for r in records}
-            _draw_worst(data_dir, by_id, _pick_worst(rows, cfg.worst_images), tmp / "worst")
+        write_report(out_dir, data, scores, params.evaluate.worst_images)
     if metrics_path is not None:
         atomic_write_json(metrics_path, metrics)
     if track:
         from seqops.registry import log_evaluation
 
-        artifacts = {"evaluate": Path(out_dir)} if out_dir is not None else {}
-        if plots_dir is not None:
-            artifacts["evaluate/plots"] = Path(plots_dir)
+        artifacts = report_artifacts(plots_dir, out_dir)
         log_evaluation(predictor.info.run_id, metrics, artifacts, prefix=split)
     log.info(
         "%s: %d images, count MAE %.3f, F1 %s, %.1f ms/image",
-        split, len(records), metrics["count_mae"], metrics["f1"],
+        split, len(data.records), metrics["count_mae"], metrics["f1"],
         metrics["latency_ms_per_image"],
     )  # fmt: skip
     return metrics
+
+
+def report_artifacts(plots_dir: str | Path | None, out_dir: str | Path | None) -> dict[str, Path]:
+    """The stage's outputs as MLflow artifacts: ``{artifact dir: local dir}``."""
+    artifacts = {"evaluate": Path(out_dir)} if out_dir is not None else {}
+    if plots_dir is not None:
+        artifacts["evaluate/plots"] = Path(plots_dir)
+    return artifacts

@@ -19,7 +19,8 @@ import hashlib
 import json
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from seqops import imaging
-from seqops.config import Params
+from seqops.config import ExportConfig, Params
 from seqops.contract import (
     COORDINATES,
     ENCODER_FILE,
@@ -40,6 +41,7 @@ from seqops.contract import (
 from seqops.io import atomic_directory, atomic_write_json
 from seqops.model import ModelSpec, SeqCounter
 from seqops.parity import PARITY_BATCH, PARITY_MARKS, check_parity
+from seqops.registry import REGISTERED_NAME
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,22 @@ class ExportError(ValueError):
 
 
 # --- the two graphs ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    """The names of one exported graph's inputs and outputs (the batch axis is dynamic)."""
+
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+STEP_IO = GraphIO(("features", "marks"), ("xy", "done"))
+
+
+def encoder_io(exemplars: bool) -> GraphIO:
+    """The encoder's inputs and outputs: the exemplar mask only for a model trained with it."""
+    return GraphIO(("image", "exemplar_mask") if exemplars else ("image",), ("features",))
 
 
 class EncoderGraph(nn.Module):
@@ -78,7 +96,8 @@ class StepGraph(nn.Module):
 
 def build_metadata(
     spec: ModelSpec,
-    train_params: dict[str, Any],
+    train_params: Mapping[str, Any],
+    *,
     done_threshold: float,
     model_version: str,
     run_id: str | None,
@@ -87,17 +106,17 @@ def build_metadata(
 
     Args:
         spec: the network's spec (input size, grid, mark radius, exemplars).
-        train_params: the parameters the checkpoint was trained with (its ``params``).
+        train_params: the parameters the checkpoint was trained with (its ``params``, every
+            key of ``params.yaml``); ``prepare.order``, ``prepare.row_height`` and
+            ``train.target`` are read, and a missing one is an :class:`ExportError`.
         done_threshold: the loop stops once ``done`` exceeds it.
         model_version: an identifier of these weights (the registry's version replaces it
             when the predictor loads from the registry).
         run_id: the MLflow training run.
     """
-    prepare = train_params.get("prepare", {})
-    train = train_params.get("train", {})
     return {
         "format": METADATA_FORMAT,
-        "name": "seqops",
+        "name": REGISTERED_NAME,
         "image_size": spec.image_size,
         "grid": spec.grid,
         "stride": spec.stride,
@@ -107,14 +126,27 @@ def build_metadata(
         "std": list(imaging.STD),
         "coordinates": COORDINATES,
         "done_threshold": done_threshold,
-        "order": prepare.get("order", "reading_order"),
-        "row_height": prepare.get("row_height", 50.0),
-        "target": train.get("target", "ordered"),
+        "order": _training_param(train_params, "prepare.order"),
+        "row_height": _training_param(train_params, "prepare.row_height"),
+        "target": _training_param(train_params, "train.target"),
         "preset": spec.preset,
         "head": spec.head,
         "model_version": model_version,
         "run_id": run_id,
     }
+
+
+def _training_param(train_params: Mapping[str, Any], key: str) -> Any:
+    """The value at the dotted ``key`` of the checkpoint's params; ExportError when absent."""
+    node: Any = train_params
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            raise ExportError(
+                f"the checkpoint's params lack {key} (a checkpoint written by `seqops train` "
+                "holds every key of params.yaml)"
+            )
+        node = node[part]
+    return node
 
 
 @contextlib.contextmanager
@@ -137,32 +169,15 @@ def _quiet_exporter() -> Iterator[None]:
 def export_graph(
     module: nn.Module,
     args: tuple[torch.Tensor, ...],
-    input_names: list[str],
-    output_names: list[str],
+    io: GraphIO,
+    path: Path,
+    *,
     opset: int,
     metadata: dict[str, Any],
-    path: Path,
 ) -> None:
     """Export one graph with ``torch.onnx.export`` (the torch.export-based exporter), add the
     metadata, check it (full check) and save it as one self-contained file."""
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    dynamic = {name: {0: batch} for name in input_names}
-    try:
-        with _quiet_exporter(), torch.no_grad():
-            program = torch.onnx.export(
-                module,
-                args,
-                input_names=input_names,
-                output_names=output_names,
-                dynamic_shapes=dynamic,
-                opset_version=opset,
-                dynamo=True,
-                external_data=False,
-                verbose=False,
-            )
-    except Exception as exc:  # the exporter raises many kinds
-        raise ExportError(f"{path.name}: torch.onnx.export failed ({exc})") from exc
-    proto = program.model_proto
+    proto = _trace(module, args, io, opset, path.name)
     produced = max(op.version for op in proto.opset_import if op.domain in ("", "ai.onnx"))
     if produced != opset:
         raise ExportError(
@@ -171,12 +186,35 @@ def export_graph(
         )
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(metadata, sort_keys=True)})
-    proto.doc_string = f"seqops {path.stem}: {', '.join(input_names)} -> {', '.join(output_names)}"
+    proto.doc_string = f"seqops {path.stem}: {', '.join(io.inputs)} -> {', '.join(io.outputs)}"
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"{path.name}: onnx.checker (full check) failed: {exc}") from None
     onnx.save_model(proto, str(path), save_as_external_data=False)
+
+
+def _trace(
+    module: nn.Module, args: tuple[torch.Tensor, ...], io: GraphIO, opset: int, name: str
+) -> onnx.ModelProto:
+    """The ONNX proto of ``module`` on ``args``, with a dynamic batch axis on every input."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    try:
+        with _quiet_exporter(), torch.no_grad():
+            program = torch.onnx.export(
+                module,
+                args,
+                input_names=list(io.inputs),
+                output_names=list(io.outputs),
+                dynamic_shapes={name: {0: batch} for name in io.inputs},
+                opset_version=opset,
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+            )
+    except Exception as exc:  # the exporter raises many kinds
+        raise ExportError(f"{name}: torch.onnx.export failed ({exc})") from exc
+    return program.model_proto
 
 
 def export_encoder(model: SeqCounter, path: Path, opset: int, metadata: dict[str, Any]) -> None:
@@ -186,11 +224,10 @@ def export_encoder(model: SeqCounter, path: Path, opset: int, metadata: dict[str
     args: tuple[torch.Tensor, ...] = (
         torch.zeros(_TRACE_BATCH, 3, spec.image_size, spec.image_size),
     )
-    inputs = ["image"]
     if spec.exemplars:
         args += (torch.zeros(_TRACE_BATCH, 1, spec.grid, spec.grid),)
-        inputs.append("exemplar_mask")
-    export_graph(EncoderGraph(model), args, inputs, ["features"], opset, metadata, path)
+    io = encoder_io(spec.exemplars)
+    export_graph(EncoderGraph(model), args, io, path, opset=opset, metadata=metadata)
 
 
 def export_step(model: SeqCounter, path: Path, opset: int, metadata: dict[str, Any]) -> None:
@@ -199,10 +236,7 @@ def export_step(model: SeqCounter, path: Path, opset: int, metadata: dict[str, A
     spec = model.spec
     features = torch.zeros(_TRACE_BATCH, spec.feature_channels, spec.grid, spec.grid)
     marks = torch.zeros(_TRACE_BATCH, 1, spec.grid, spec.grid)
-    export_graph(
-        StepGraph(model), (features, marks), ["features", "marks"], ["xy", "done"], opset,
-        metadata, path,
-    )  # fmt: skip
+    export_graph(StepGraph(model), (features, marks), STEP_IO, path, opset=opset, metadata=metadata)
 
 
 def export_graphs(model: SeqCounter, out_dir: Path, opset: int, metadata: dict[str, Any]) -> None:
@@ -214,23 +248,23 @@ def export_graphs(model: SeqCounter, out_dir: Path, opset: int, metadata: dict[s
 # --- the export -------------------------------------------------------------------------
 
 
-def _file_facts(path: Path) -> dict[str, Any]:
-    return {"bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-
-
 def export_model(
     model: SeqCounter,
     out_dir: str | Path,
     metadata: dict[str, Any],
-    opset: int = 18,
-    tolerance: float = 1e-4,
+    settings: ExportConfig,
+    *,
     extra_info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Export ``model`` to the model directory ``out_dir``, atomically, after the checks.
 
     The graphs are written to a temporary directory, checked (``onnx.checker`` full check),
-    compared with torch on CPU; only when the largest difference is within ``tolerance``
-    does the directory replace ``out_dir``.
+    compared with torch on CPU; only when the largest difference is within
+    ``settings.parity_tolerance`` does the directory replace ``out_dir``.
+
+    Args:
+        settings: ``params.export`` (the opset and the parity tolerance).
+        extra_info: more facts for ``model.json`` (the checkpoint, the model spec).
 
     Returns:
         The content of ``model.json``: the metadata, the opset, the parity report
@@ -243,42 +277,71 @@ def export_model(
     """
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
-        export_graphs(model, tmp, opset, metadata)
-        diffs = check_parity(model, tmp / ENCODER_FILE, tmp / STEP_FILE)
-        worst = max(diffs.values())
-        parity = {
-            "max_abs_diff": worst,
-            "tolerance": tolerance,
-            "passed": worst <= tolerance,
-            "device": "cpu",
-            "batch": PARITY_BATCH,
-            "marks": dict(PARITY_MARKS),
-            "per_output": diffs,
-        }
+        export_graphs(model, tmp, settings.opset, metadata)
+        parity = measure_parity(model, tmp, settings.parity_tolerance)
         if not parity["passed"]:
-            worst_name = max(diffs, key=diffs.get)
+            worst_name = max(parity["per_output"], key=parity["per_output"].get)
             raise ExportError(
-                f"parity: torch and onnxruntime differ by {worst:.3g} on {worst_name} "
-                f"(export.parity_tolerance={tolerance}); {out_dir} left unchanged"
+                f"parity: torch and onnxruntime differ by {parity['max_abs_diff']:.3g} on "
+                f"{worst_name} (export.parity_tolerance={settings.parity_tolerance}); "
+                f"{out_dir} left unchanged"
             )
-        info = {
-            **metadata,
-            "opset": opset,
-            "parity": parity,
-            "files": {name: _file_facts(tmp / name) for name in (ENCODER_FILE, STEP_FILE)},
-            "inputs": {
-                "encoder": ["image"] + (["exemplar_mask"] if metadata["exemplars"] else []),
-                "step": ["features", "marks"],
-            },
-            "outputs": {"encoder": ["features"], "step": ["xy", "done"]},
-            "versions": {"torch": torch.__version__, "onnx": onnx.__version__},
-            **(extra_info or {}),
-        }
+        info = {**describe_export(tmp, metadata, settings.opset, parity), **(extra_info or {})}
         atomic_write_json(tmp / INFO_FILE, info)
     log.info(
-        "exported %s (opset %d, parity max |diff| %.2g <= %g)", out_dir, opset, worst, tolerance
-    )
+        "exported %s (opset %d, parity max |diff| %.2g <= %g)",
+        out_dir, settings.opset, parity["max_abs_diff"], settings.parity_tolerance,
+    )  # fmt: skip
     return info
+
+
+def measure_parity(model: SeqCounter, model_dir: Path, tolerance: float) -> dict[str, Any]:
+    """The parity report of the graphs in ``model_dir`` against ``model`` (CPU)."""
+    diffs = check_parity(model, model_dir / ENCODER_FILE, model_dir / STEP_FILE)
+    worst = max(diffs.values())
+    return {
+        "max_abs_diff": worst,
+        "tolerance": tolerance,
+        "passed": worst <= tolerance,
+        "device": "cpu",
+        "batch": PARITY_BATCH,
+        "marks": dict(PARITY_MARKS),
+        "per_output": diffs,
+    }
+
+
+def describe_export(
+    model_dir: Path, metadata: dict[str, Any], opset: int, parity: dict[str, Any]
+) -> dict[str, Any]:
+    """The content of ``model.json`` for the graphs in ``model_dir``."""
+    return {
+        **metadata,
+        "opset": opset,
+        "parity": parity,
+        "files": {name: _file_facts(model_dir / name) for name in (ENCODER_FILE, STEP_FILE)},
+        "inputs": {
+            "encoder": list(encoder_io(metadata["exemplars"]).inputs),
+            "step": list(STEP_IO.inputs),
+        },
+        "outputs": {
+            "encoder": list(encoder_io(metadata["exemplars"]).outputs),
+            "step": list(STEP_IO.outputs),
+        },
+        "versions": {"torch": torch.__version__, "onnx": onnx.__version__},
+    }
+
+
+def _file_facts(path: Path) -> dict[str, Any]:
+    """A file's size and SHA-256."""
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, hex."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# --- the stage --------------------------------------------------------------------------
 
 
 def read_train_run(path: str | Path) -> dict[str, Any]:
@@ -295,10 +358,40 @@ def read_train_run(path: str | Path) -> dict[str, Any]:
     return info
 
 
+def checkpoint_facts(state: Mapping[str, Any], spec: ModelSpec, digest: str) -> dict[str, Any]:
+    """What ``model.json`` records of the checkpoint: epoch, validation loss, hash, spec."""
+    return {
+        "checkpoint": {
+            "epoch": int(state["epoch"]),
+            "best_val_loss": float(state["best_val_loss"]),
+            "sha256": digest,
+        },
+        "model_spec": spec.to_dict(),
+    }
+
+
+def summarise_export(info: Mapping[str, Any]) -> dict[str, Any]:
+    """The stage's output JSON from ``model.json``'s content: opset, parity, sizes, ids."""
+    parity = info["parity"]
+    return {
+        "opset": info["opset"],
+        "parity_max_abs_diff": parity["max_abs_diff"],
+        "parity_tolerance": parity["tolerance"],
+        "parity_passed": parity["passed"],
+        "parity": parity["per_output"],
+        "encoder_bytes": info["files"][ENCODER_FILE]["bytes"],
+        "step_bytes": info["files"][STEP_FILE]["bytes"],
+        "model_version": info["model_version"],
+        "run_id": info["run_id"],
+        "epoch": info["checkpoint"]["epoch"],
+    }
+
+
 def run_export(
     params: Params,
     checkpoint_path: str | Path,
     out_dir: str | Path,
+    *,
     run_path: str | Path | None = None,
     metrics_path: str | Path | None = None,
     register: bool = True,
@@ -322,45 +415,20 @@ def run_export(
 
     state = load_checkpoint(checkpoint_path)
     model = build_model(state)
-    run_info = read_train_run(run_path) if run_path is not None else {}
-    run_id = run_info.get("run_id") or state.get("run_id")
+    run_id = (read_train_run(run_path) if run_path is not None else {}).get("run_id")
+    run_id = run_id or state.get("run_id")
     # The checkpoint's hash identifies these weights until the registry gives a version.
-    digest = hashlib.sha256(Path(checkpoint_path).read_bytes()).hexdigest()[:12]
+    digest = _sha256(checkpoint_path)[:12]
     metadata = build_metadata(
         model.spec,
-        state.get("params", {}),
-        params.evaluate.done_threshold,
+        state["params"],
+        done_threshold=params.evaluate.done_threshold,
         model_version=f"sha256-{digest}",
         run_id=run_id,
     )
-    checkpoint_facts = {
-        "checkpoint": {
-            "epoch": int(state["epoch"]),
-            "best_val_loss": float(state["best_val_loss"]),
-            "sha256": digest,
-        },
-        "model_spec": model.spec.to_dict(),
-    }
-    info = export_model(
-        model,
-        out_dir,
-        metadata,
-        opset=params.export.opset,
-        tolerance=params.export.parity_tolerance,
-        extra_info=checkpoint_facts,
-    )
-    result: dict[str, Any] = {
-        "opset": info["opset"],
-        "parity_max_abs_diff": info["parity"]["max_abs_diff"],
-        "parity_tolerance": info["parity"]["tolerance"],
-        "parity_passed": info["parity"]["passed"],
-        "parity": info["parity"]["per_output"],
-        "encoder_bytes": info["files"][ENCODER_FILE]["bytes"],
-        "step_bytes": info["files"][STEP_FILE]["bytes"],
-        "model_version": metadata["model_version"],
-        "run_id": run_id,
-        "epoch": checkpoint_facts["checkpoint"]["epoch"],
-    }
+    extra_info = checkpoint_facts(state, model.spec, digest)
+    info = export_model(model, out_dir, metadata, params.export, extra_info=extra_info)
+    result = summarise_export(info)
     if register:
         from seqops.registry import log_model_to_mlflow
 

@@ -87,6 +87,7 @@ def check_parity(
 
 
 def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
+    """The largest absolute difference of two arrays of the same shape."""
     if a.shape != b.shape:
         raise ParityError(f"parity: onnxruntime shape {a.shape} != torch shape {b.shape}")
     return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from seqops import imaging
+from seqops.contract import DEFAULT_MAX_OBJECTS
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +64,11 @@ def annotate(image_path: Path, points: list[list[float]], out_dir: Path) -> Path
 
 def run_predict(
     images: Sequence[Path],
-    model: str = "models/onnx",
+    model: str | Path,
+    *,
     out_dir: Path | None = None,
     exemplars: str | None = None,
-    max_objects: int = 200,
+    max_objects: int = DEFAULT_MAX_OBJECTS,
     done_threshold: float | None = None,
     device: str = "auto",
     stream: TextIO | None = None,

@@ -64,6 +64,7 @@ class Prediction:
     timings_ms: dict[str, float]
 
     def to_dict(self) -> dict:
+        """The JSON answer (without the model-pixel points)."""
         return {
             "count": self.count,
             "points": self.points,
@@ -155,6 +156,7 @@ def resolve_model_dir(uri: str | Path) -> tuple[Path, str | None]:
 
 
 def _registry_version(mlflow, uri: str) -> str | None:
+    """The registry version a ``models:/`` URI names (an alias resolved); None otherwise."""
     if not uri.startswith("models:/"):
         return None
     ref = uri.removeprefix("models:/")
@@ -254,6 +256,7 @@ class Predictor:
         return PreparedImage(imaging.normalize_pixels(pixels), image.size, scale, mask)
 
     def _exemplar_mask(self, exemplars, size, scale) -> np.ndarray | None:
+        """The exemplar mask ``[1, g, g]`` of boxes in original px; checks them first."""
         given = exemplars is not None and len(exemplars) > 0
         if not self.info.exemplars:
             if given:
@@ -325,7 +328,7 @@ class Predictor:
             images: images (PIL, encoded bytes, paths) or already prepared ones.
             exemplars: per image, its exemplar boxes in original pixels (or None).
             max_objects: guard against a loop that never says done.
-            done_threshold: stop when done exceeds it (default: the model's, 0.5).
+            done_threshold: stop when done exceeds it (default: the model's).
             deadline: ``time.monotonic()`` value after which the loop stops between steps.
         """
         if max_objects < 1:
@@ -396,7 +399,8 @@ class Predictor:
             np.zeros((1, grid, grid), np.float32) if self.info.exemplars else None,
         )
         features = self.encode([blank])
-        run_rollouts(self.start([blank], features), self._stepper(features), 0.5, 1)
+        threshold = self.info.done_threshold
+        run_rollouts(self.start([blank], features), self._stepper(features), threshold, 1)
 
 
 def default_threads(workers: int = 1) -> int:

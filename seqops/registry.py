@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from seqops.contract import ENCODER_FILE, METADATA_KEY, MODEL_FILES, STEP_FILE
+from seqops.tracking import TrackedRun, attach_run, start_run
 
 log = logging.getLogger(__name__)
 
@@ -28,41 +29,35 @@ CANDIDATE_ALIAS = "candidate"
 MODEL_ARTIFACT = "model"  # the logged model's name inside the run
 
 
-def _client():
-    """The tracking URI is set for MLflow's fluent API too: ``log_model`` uses it."""
+def _fluent_mlflow(tracking_uri: str):
+    """MLflow's fluent API at ``tracking_uri`` (``mlflow.onnx.log_model`` logs through it)."""
     import mlflow
 
-    from seqops.tracking import resolve_tracking_uri
-
-    uri = resolve_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    return mlflow, mlflow.MlflowClient(uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    return mlflow
 
 
-def ensure_run(run_id: str | None, stage: str) -> tuple[str, bool]:
-    """The training run when it exists in the store; else a new run for ``stage``.
+def ensure_run(run_id: str | None, stage: str) -> tuple[TrackedRun, bool]:
+    """The training run when it exists in the store; else a new (finished) run for ``stage``.
 
     Returns:
-        ``(run_id, is_training_run)``. A missing training run (training without tracking, or
+        ``(run, is_training_run)``. A missing training run (training without tracking, or
         another tracking store) is a warning, not an error: the model is still registered,
         in a run tagged ``lineage=training run not found``.
     """
-    _, client = _client()
     if run_id:
         try:
-            client.get_run(run_id)
-            return run_id, True
-        except Exception:  # MlflowException: not in this store
+            return attach_run(run_id), True
+        except LookupError:
             log.warning("MLflow: training run %s not found in this store; using a new run", run_id)
-    from seqops.tracking import start_run
-
     tags = {"dvc_stage": stage, "lineage": "training run not found", "training_run_id": run_id}
     tracked = start_run({}, tags=tags, run_name=stage)
     tracked.finish()
-    return tracked.run_id, False
+    return tracked, False
 
 
 def _signature(info: Mapping[str, Any]):
+    """The step graph's tensor signature: ``features, marks -> xy, done``."""
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
@@ -86,6 +81,7 @@ def _signature(info: Mapping[str, Any]):
 
 
 def _pip_requirements() -> list[str]:
+    """Pinned requirements of the flavour, with the one onnxruntime package installed here."""
     from importlib.metadata import version
 
     import mlflow
@@ -100,6 +96,7 @@ def _pip_requirements() -> list[str]:
 
 
 def _installed(dist: str) -> bool:
+    """True when the distribution ``dist`` is installed."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -126,60 +123,77 @@ def log_model_to_mlflow(
 
     Returns:
         ``{"registered_model", "registered_version", "alias", "model_uri", "mlflow_run_id",
-        "logged_model_id", "tracking_uri"}``.
+        "logged_in_training_run", "logged_model_id", "tracking_uri"}``.
     """
-    import onnx
-
-    mlflow, client = _client()
-    run_id, in_training_run = ensure_run(run_id, "export")
-    metadata_fields = {k: v for k, v in info.items() if not isinstance(v, dict)}
-    with mlflow.start_run(run_id=run_id):
-        logged = mlflow.onnx.log_model(
-            onnx.load(str(model_dir / STEP_FILE)),
-            name=MODEL_ARTIFACT,
-            extra_files=[str(model_dir / f) for f in MODEL_FILES],
-            save_as_external_data=False,
-            signature=_signature(info),
-            metadata={METADATA_KEY: json.dumps(metadata_fields, sort_keys=True)},
-            registered_model_name=name,
-            await_registration_for=60,
-            # MLflow would infer both onnxruntime and onnxruntime-gpu (they conflict) and ask
-            # for CUDA first; the pyfunc of a step graph is portable with the CPU package.
-            pip_requirements=_pip_requirements(),
-            onnx_execution_providers=["CPUExecutionProvider"],
-        )
-        parity = info["parity"]
-        mlflow.log_metrics(
-            {
-                "export/parity_max_abs_diff": parity["max_abs_diff"],
-                "export/encoder_bytes": info["files"][ENCODER_FILE]["bytes"],
-                "export/step_bytes": info["files"][STEP_FILE]["bytes"],
-            }
-        )
-        mlflow.set_tags({"export.opset": info["opset"], "export.parity_passed": parity["passed"]})
+    run, in_training_run = ensure_run(run_id, "export")
+    mlflow = _fluent_mlflow(run.tracking_uri)
+    with mlflow.start_run(run_id=run.run_id):
+        logged = _log_onnx_flavour(mlflow, model_dir, info, name)
+        _log_export_facts(run, info)
     version = str(logged.registered_model_version)
-    client.set_registered_model_alias(name, alias, version)
-    tags = {
-        "run_id": run_id,
-        "opset": info["opset"],
-        "parity_max_abs_diff": f"{parity['max_abs_diff']:.3g}",
-        "preset": info.get("preset"),
-        "image_size": info.get("image_size"),
-        "exemplars": info.get("exemplars"),
-    }
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, str(value))
-    log.info("MLflow: registered %s version %s, alias %s (run %s)", name, version, alias, run_id)
+    run.client.set_registered_model_alias(name, alias, version)
+    for key, value in _version_tags(run.run_id, info).items():
+        run.client.set_model_version_tag(name, version, key, value)
+    log.info(
+        "MLflow: registered %s version %s, alias %s (run %s)", name, version, alias, run.run_id
+    )
     return {
         "registered_model": name,
         "registered_version": version,
         "alias": alias,
         "model_uri": f"models:/{name}/{version}",
-        "mlflow_run_id": run_id,
+        "mlflow_run_id": run.run_id,
         "logged_in_training_run": in_training_run,
         "logged_model_id": getattr(logged, "model_id", None),
-        "tracking_uri": mlflow.get_tracking_uri(),
+        "tracking_uri": run.tracking_uri,
     }
+
+
+def _log_onnx_flavour(mlflow, model_dir: Path, info: Mapping[str, Any], name: str):
+    """Log the step graph as the flavour's model, the whole directory as its extra files, and
+    register it as ``name``; returns MLflow's ModelInfo."""
+    import onnx
+
+    metadata_fields = {k: v for k, v in info.items() if not isinstance(v, dict)}
+    return mlflow.onnx.log_model(
+        onnx.load(str(model_dir / STEP_FILE)),
+        name=MODEL_ARTIFACT,
+        extra_files=[str(model_dir / f) for f in MODEL_FILES],
+        save_as_external_data=False,
+        signature=_signature(info),
+        metadata={METADATA_KEY: json.dumps(metadata_fields, sort_keys=True)},
+        registered_model_name=name,
+        await_registration_for=60,
+        # MLflow would infer both onnxruntime and onnxruntime-gpu (they conflict) and ask
+        # for CUDA first; the pyfunc of a step graph is portable with the CPU package.
+        pip_requirements=_pip_requirements(),
+        onnx_execution_providers=["CPUExecutionProvider"],
+    )
+
+
+def _log_export_facts(run: TrackedRun, info: Mapping[str, Any]) -> None:
+    """Parity and sizes as ``export/*`` metrics, the opset and the parity verdict as tags."""
+    parity = info["parity"]
+    export_metrics = {
+        "export/parity_max_abs_diff": parity["max_abs_diff"],
+        "export/encoder_bytes": info["files"][ENCODER_FILE]["bytes"],
+        "export/step_bytes": info["files"][STEP_FILE]["bytes"],
+    }
+    run.log_metrics(export_metrics, step=0)
+    run.set_tags({"export.opset": info["opset"], "export.parity_passed": parity["passed"]})
+
+
+def _version_tags(run_id: str, info: Mapping[str, Any]) -> dict[str, str]:
+    """The tags a registered version carries: its run, opset, parity and input facts."""
+    tags = {
+        "run_id": run_id,
+        "opset": info["opset"],
+        "parity_max_abs_diff": f"{info['parity']['max_abs_diff']:.3g}",
+        "preset": info["preset"],
+        "image_size": info["image_size"],
+        "exemplars": info["exemplars"],
+    }
+    return {key: str(value) for key, value in tags.items()}
 
 
 def log_evaluation(
@@ -198,25 +212,10 @@ def log_evaluation(
     Returns:
         The run id logged into.
     """
-    _, client = _client()
-    run_id, _ = ensure_run(run_id, "evaluate")
-    numbers = {
-        f"{prefix}/{k}": float(v)
-        for k, v in metrics.items()
-        if isinstance(v, int | float) and not isinstance(v, bool)
-    }
-    from mlflow.entities import Metric
-    from mlflow.utils.time import get_current_time_millis
-
-    now = get_current_time_millis()
-    batch = [Metric(k, v, now, 0) for k, v in numbers.items()]
-    for i in range(0, len(batch), 1000):
-        client.log_batch(run_id, metrics=batch[i : i + 1000])
+    run, _ = ensure_run(run_id, "evaluate")
+    logged = run.log_metrics({f"{prefix}/{k}": v for k, v in metrics.items()}, step=0)
     for artifact_path, local in artifacts.items():
-        local = Path(local)
-        if local.is_dir():
-            client.log_artifacts(run_id, str(local), artifact_path)
-        elif local.is_file():
-            client.log_artifact(run_id, str(local), artifact_path)
-    log.info("MLflow: logged %d %s metrics into run %s", len(numbers), prefix, run_id)
-    return run_id
+        if Path(local).exists():
+            run.log_artifact(local, artifact_path)
+    log.info("MLflow: logged %d %s metrics into run %s", logged, prefix, run.run_id)
+    return run.run_id

@@ -49,18 +49,22 @@ class MatchResult:
 
     @property
     def matches(self) -> int:
+        """Predictions matched to a true object (true positives)."""
         return len(self.pred_index)
 
     @property
     def misses(self) -> int:
+        """True objects no prediction matched."""
         return self.num_true - self.matches
 
     @property
     def false_positives(self) -> int:
+        """Predictions matched to no true object (duplicates and spurious ones)."""
         return self.num_pred - self.matches
 
 
 def _as_points(points: np.ndarray | Sequence, name: str) -> np.ndarray:
+    """``points`` as float64 ``[N, 2]`` (empty: ``[0, 2]``); a ValueError naming ``name``."""
     array = np.asarray(points, np.float64)
     if array.size == 0:
         return np.zeros((0, 2))
@@ -227,8 +231,8 @@ def reliability_table(
 def calibration_metrics(
     probs: Sequence[float],
     labels: Sequence[int],
+    threshold: float,
     bins: int = CALIBRATION_BINS,
-    threshold: float = 0.5,
 ) -> dict[str, float]:
     """Expected calibration error (bin-weighted |mean predicted - observed|), Brier score,
     precision, recall and F1 of ``done > threshold``, and the number of steps scored."""
@@ -257,7 +261,7 @@ def calibration_metrics(
 def done_scores(
     probs: Sequence[float],
     labels: Sequence[int],
-    threshold: float = 0.5,
+    threshold: float,
     undefined: float = math.nan,
 ) -> dict[str, float]:
     """Precision, recall and F1 of ``done > threshold`` against the labels; ``undefined``
@@ -284,5 +288,6 @@ def stop_timing(num_steps: int, stopped_by: str, t_all: int | None) -> str:
 
 
 def _mean(values: np.ndarray) -> float:
+    """The mean, NaN when empty."""
     values = np.asarray(values, np.float64)
     return float(values.mean()) if values.size else math.nan

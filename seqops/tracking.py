@@ -25,8 +25,10 @@ DEFAULT_EXPERIMENT = "seqops"
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 PARENT_RUN_ENV = "SEQOPS_PARENT_RUN_ID"  # set by the Prefect flow: nest the stage's run
 ARTIFACTS_DIR_NAME = "mlartifacts"
-# MLflow limits: 100 params/tags per batch request, 6000 characters per param value.
+# MLflow limits: 100 params/tags and 1000 metrics per batch request, 6000 characters per
+# param value.
 _BATCH = 100
+_METRICS_BATCH = 1000
 _MAX_PARAM_CHARS = 6000
 
 
@@ -90,8 +92,9 @@ class TrackedRun:
     resumed: bool = False
     _closed: bool = field(default=False, repr=False)
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Log numeric metrics at ``step`` (keys such as ``val/loss`` are fine)."""
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> int:
+        """Log the numeric values of ``metrics`` at ``step`` (keys such as ``val/loss`` are
+        fine); others (text, None, booleans) are skipped. Returns how many were logged."""
         from mlflow.entities import Metric
         from mlflow.utils.time import get_current_time_millis
 
@@ -101,10 +104,12 @@ class TrackedRun:
             for k, v in metrics.items()
             if isinstance(v, int | float) and not isinstance(v, bool)
         ]
-        for i in range(0, len(batch), 1000):
-            self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
+        for i in range(0, len(batch), _METRICS_BATCH):
+            self.client.log_batch(self.run_id, metrics=batch[i : i + _METRICS_BATCH])
+        return len(batch)
 
     def log_params(self, params: Mapping[str, str]) -> None:
+        """Log flat string parameters (see :func:`flatten_params`)."""
         from mlflow.entities import Param
 
         items = [Param(k, v) for k, v in params.items()]
@@ -112,6 +117,7 @@ class TrackedRun:
             self.client.log_batch(self.run_id, params=items[i : i + _BATCH])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set tags (values as text; ``None`` values are skipped)."""
         from mlflow.entities import RunTag
 
         items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
@@ -123,7 +129,11 @@ class TrackedRun:
         self.client.log_image(self.run_id, image, artifact_file=artifact_file)
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+        """Log a file, or a directory with its content, under ``artifact_path``."""
+        if Path(local_path).is_dir():
+            self.client.log_artifacts(self.run_id, str(local_path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(local_path), artifact_path)
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the run (``FINISHED``, ``FAILED`` or ``KILLED``); later calls do nothing."""
@@ -133,6 +143,7 @@ class TrackedRun:
 
 
 def _experiment_id(client: Any, name: str, tracking_uri: str) -> str:
+    """The id of experiment ``name``, created (artifacts beside a SQLite file) when new."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
@@ -140,6 +151,7 @@ def _experiment_id(client: Any, name: str, tracking_uri: str) -> str:
 
 
 def _resumable(client: Any, run_id: str | None) -> bool:
+    """True when ``run_id`` is an active run of this store."""
     if not run_id:
         return False
     try:
@@ -147,6 +159,23 @@ def _resumable(client: Any, run_id: str | None) -> bool:
     except Exception:  # not in this tracking store (another URI, a fresh database)
         return False
     return run.info.lifecycle_stage == "active"
+
+
+def attach_run(run_id: str, tracking_uri: str | None = None) -> TrackedRun:
+    """A handle on the existing run ``run_id``, to log more into it (its status is kept).
+
+    Raises:
+        LookupError: the run is not in this tracking store (another URI, a fresh database).
+    """
+    from mlflow import MlflowClient
+
+    tracking_uri = tracking_uri or resolve_tracking_uri()
+    client = MlflowClient(tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except Exception as exc:  # MlflowException: not in this store
+        raise LookupError(f"MLflow run {run_id} not found at {tracking_uri}") from exc
+    return TrackedRun(client, run.info.run_id, run.info.experiment_id, tracking_uri)
 
 
 def start_run(

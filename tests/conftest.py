@@ -130,7 +130,7 @@ def make_tiny_dataset(
     return root
 
 
-def shrink_params(*overrides: str) -> Params:
+def shrink_params(*overrides: str | tuple[str, object]) -> Params:
     """The real ``params.yaml`` with :data:`TINY_OVERRIDES` and then ``overrides`` applied."""
     return load_params(ROOT / "params.yaml", (*TINY_OVERRIDES, *overrides))
 
@@ -211,9 +211,12 @@ def tiny_metadata(kind: str, model_version: str | None = None) -> dict:
     """The export metadata of ``kind`` (model version ``test-<kind>`` unless given)."""
     from seqops.export import build_metadata
 
-    train_params = {"prepare": {"order": "reading_order", "row_height": 16.0}}
-    spec = tiny_spec(TINY_MODELS[kind][0])
-    return build_metadata(spec, train_params, 0.5, model_version or f"test-{kind}", run_id=None)
+    params = shrink_params()
+    return build_metadata(
+        tiny_spec(TINY_MODELS[kind][0]), params.model_dump(mode="json"),
+        done_threshold=params.evaluate.done_threshold,
+        model_version=model_version or f"test-{kind}", run_id=None,
+    )  # fmt: skip
 
 
 def tiny_torch_model(kind: str):
@@ -235,8 +238,8 @@ def exported_model(kind: str) -> tuple[Path, dict]:
 
     spec = tiny_spec(TINY_MODELS[kind][0])
     info = export_model(
-        tiny_torch_model(kind), _models_root() / kind, tiny_metadata(kind), opset=OPSET,
-        extra_info={"model_spec": spec.to_dict()},
+        tiny_torch_model(kind), _models_root() / kind, tiny_metadata(kind),
+        shrink_params(f"export.opset={OPSET}").export, extra_info={"model_spec": spec.to_dict()},
     )  # fmt: skip
     return _models_root() / kind, info
 

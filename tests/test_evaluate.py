@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import exported_model, make_tiny_dataset, shrink_params
+from conftest import ROOT, exported_model, make_tiny_dataset, shrink_params
 from PIL import Image
 
 from seqops.cli import main
@@ -132,11 +132,11 @@ def test_dataset_at_another_size_is_refused(tmp_path: Path):
 
 
 def test_evaluate_cli(dataset: Path, tmp_path: Path, capsys):
-    params_path = tmp_path / "params.yaml"
-    params_path.write_text("evaluate:\n  worst_images: 1\n")
+    params_path = ROOT / "params.yaml"  # every key is required: the real file, overridden
     code = main(
         [
-            "evaluate", "--params", str(params_path), "--model", str(exported_model("done")[0]),
+            "evaluate", "--params", str(params_path), "--set", "evaluate.worst_images=1",
+            "--model", str(exported_model("done")[0]),
             "--data", str(dataset), "--metrics", str(tmp_path / "m.json"),
             "--plots", str(tmp_path / "plots"), "--out", str(tmp_path / "out"), "--no-mlflow",
         ]

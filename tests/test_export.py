@@ -10,7 +10,15 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import TINY_MODELS, exported_model, shrink_params, tiny_spec, tiny_torch_model
+from conftest import (
+    ROOT,
+    TINY_MODELS,
+    exported_model,
+    shrink_params,
+    tiny_metadata,
+    tiny_spec,
+    tiny_torch_model,
+)
 
 from seqops import export as E
 from seqops.cli import main
@@ -113,9 +121,26 @@ def test_parity_failure_fails_the_export_and_keeps_the_old_model(tmp_path, monke
     monkeypatch.setattr(E, "export_graphs", write_plain_graphs)
     other = make_untrained_model(tiny_spec(), seed=1)
     with pytest.raises(E.ExportError, match="parity: torch and onnxruntime differ"):
-        E.export_model(other, out, E.build_metadata(tiny_spec(), {}, 0.5, "x", None))
+        E.export_model(other, out, tiny_metadata("plain"), shrink_params().export)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".onnx.")]  # no temp left
+
+
+def test_metadata_comes_from_the_checkpoints_params_and_names_a_missing_key():
+    trained = shrink_params("prepare.order=left_to_right", "train.target=nearest_unmarked")
+    train_params = trained.model_dump(mode="json")
+    meta = E.build_metadata(
+        tiny_spec(), train_params, done_threshold=0.7, model_version="v", run_id="r"
+    )
+    assert (meta["order"], meta["row_height"], meta["target"]) == (
+        "left_to_right", trained.prepare.row_height, "nearest_unmarked"
+    )  # fmt: skip
+    assert (meta["done_threshold"], meta["model_version"], meta["run_id"]) == (0.7, "v", "r")
+    del train_params["train"]["target"]
+    with pytest.raises(E.ExportError, match=r"params lack train\.target"):
+        E.build_metadata(
+            tiny_spec(), train_params, done_threshold=0.5, model_version="v", run_id=None
+        )
 
 
 def test_opset_below_18_is_a_config_error():
@@ -144,17 +169,15 @@ def write_checkpoint(tmp_path: Path, params, run_id: str | None = None) -> Path:
 @pytest.mark.slow  # a full export of a checkpoint (seconds)
 def test_export_stage_from_a_checkpoint_through_the_cli(tmp_path, capsys):
     params = shrink_params("prepare.order=left_to_right", "evaluate.done_threshold=0.6")
-    params_path = tmp_path / "params.yaml"
-    params_path.write_text(
-        "prepare:\n  image_size: 64\n  order: left_to_right\nevaluate:\n  done_threshold: 0.6\n"
-    )
+    params_path = ROOT / "params.yaml"  # every key is required: the real file, overridden
     checkpoint = write_checkpoint(tmp_path, params)
     run_path = tmp_path / "models" / "train_run.json"
     run_path.write_text(json.dumps({"run_id": "abc123", "best_epoch": 4}))
     out, metrics = tmp_path / "models" / "onnx", tmp_path / "metrics" / "export.json"
     code = main(
         [
-            "export", "--params", str(params_path), "--checkpoint", str(checkpoint),
+            "export", "--params", str(params_path), "--set", "evaluate.done_threshold=0.6",
+            "--checkpoint", str(checkpoint),
             "--run", str(run_path), "--out", str(out), "--metrics", str(metrics), "--no-mlflow",
         ]
     )  # fmt: skip
@@ -202,7 +225,11 @@ def test_exemplar_model_exports_with_its_mask_input():
 def test_pooled_head_exports_with_parity(tmp_path):
     spec = ModelSpec.from_preset("tiny", 64, False, head="pooled")
     model = make_untrained_model(spec, seed=0)
-    info = E.export_model(model, tmp_path / "onnx", E.build_metadata(spec, {}, 0.5, "p", None))
+    params = shrink_params()
+    metadata = E.build_metadata(
+        spec, params.model_dump(mode="json"), done_threshold=0.5, model_version="p", run_id=None
+    )
+    info = E.export_model(model, tmp_path / "onnx", metadata, params.export)
     assert info["parity"]["passed"] and info["head"] == "pooled"
 
 
@@ -220,7 +247,11 @@ def test_export_registers_the_model_in_the_training_run(tmp_path, mlflow_uri, mo
     run_path = tmp_path / "models" / "train_run.json"
     run_path.write_text(json.dumps({"run_id": training.run_id}))
     result = E.run_export(
-        params, checkpoint, tmp_path / "models" / "onnx", run_path, tmp_path / "export.json"
+        params,
+        checkpoint,
+        tmp_path / "models" / "onnx",
+        run_path=run_path,
+        metrics_path=tmp_path / "export.json",
     )
     assert result["mlflow_run_id"] == training.run_id and result["logged_in_training_run"]
     client = mlflow.MlflowClient(mlflow_uri)

@@ -41,21 +41,30 @@ def stop_step(done_probs: list[float], threshold: float, max_objects: int) -> in
     return max_objects
 
 
-def test_loop_matches_a_torch_loop(plain: Predictor):
-    """Torch/ONNX parity of the whole loop: encode once, step, mark, repeat."""
-    model = tiny_torch_model("plain")
-    image = random_image(1)
-    pred = plain.predict([image], max_objects=6, done_threshold=0.99)[0]
-    pixels, _ = imaging.resize_for_model(image, TINY_IMAGE_SIZE)
+def torch_rollout(model, pixels: np.ndarray, mask: np.ndarray | None, steps: int):
+    """The loop in torch for ``steps`` steps, never stopping: ``(points in model px, done
+    probabilities)``; a loop that stops stops on the same trajectory."""
     spec = model.spec
     points: list[np.ndarray] = []
+    done: list[float] = []
     with torch.no_grad():
-        features = model.encode(torch.from_numpy(imaging.normalize_pixels(pixels))[None])
-        for _ in range(6):
+        exemplar_mask = None if mask is None else torch.from_numpy(mask)[None]
+        features = model.encode(torch.from_numpy(pixels)[None], exemplar_mask)
+        for _ in range(steps):
             marks = imaging.render_marks(np.asarray(points), spec.grid, spec.mark_sigma)
             out = model.step(features, torch.from_numpy(marks)[None, None])
             points.append(out.xy[0].numpy())
-    expected = imaging.norm_to_pixels(np.asarray(points), TINY_IMAGE_SIZE)
+            done.append(float(torch.sigmoid(out.done_logit)[0]))
+    return imaging.norm_to_pixels(np.asarray(points), TINY_IMAGE_SIZE), done
+
+
+def test_loop_matches_a_torch_loop(plain: Predictor):
+    """Torch/ONNX parity of the whole loop: encode once, step, mark, repeat."""
+    image = random_image(1)
+    pred = plain.predict([image], max_objects=6, done_threshold=0.99)[0]
+    pixels, _ = imaging.resize_for_model(image, TINY_IMAGE_SIZE)
+    pixels = imaging.normalize_pixels(pixels)
+    expected, _ = torch_rollout(tiny_torch_model("plain"), pixels, None, 6)
     assert pred.count == 6
     np.testing.assert_allclose(np.asarray(pred.points_model), expected, atol=1e-2)
     # A peaked random head does not put every point in the same place.
@@ -177,8 +186,18 @@ def test_exemplars_are_required_and_checked_by_an_exemplar_model():
         predictor.predict([image], exemplars=[[[100, 10, 140, 20]]])
     with pytest.raises(PredictorError, match="empty"):
         predictor.predict([image], exemplars=[[[10, 10, 10, 20]]])
-    pred = predictor.predict([image], exemplars=[[[10, 10, 30, 30]]], max_objects=3)[0]
-    assert pred.count >= 0
+    box = [10, 10, 30, 30]
+    pred = predictor.predict([image], exemplars=[[box]], max_objects=3)[0]
+    prepared = predictor.prepare(image, [box])
+    points, done = torch_rollout(
+        tiny_torch_model("exemplars"), prepared.pixels, prepared.exemplar_mask, 3
+    )
+    assert pred.count == stop_step(done, predictor.info.done_threshold, 3)
+    assert pred.stopped_by == ("max_objects" if pred.count == 3 else "done")
+    np.testing.assert_allclose(pred.done_probs, done[: len(pred.done_probs)], atol=2e-4)
+    np.testing.assert_allclose(
+        np.asarray(pred.points_model).reshape(-1, 2), points[: pred.count], atol=1e-2
+    )
 
 
 @pytest.mark.slow  # exports a second full model (seconds)

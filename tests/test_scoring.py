@@ -149,16 +149,16 @@ def test_reliability_table_bins_and_rates():
 
 
 def test_calibration_metrics():
-    perfect = M.calibration_metrics([0.0, 0.0, 1.0], [0, 0, 1])
+    perfect = M.calibration_metrics([0.0, 0.0, 1.0], [0, 0, 1], threshold=0.5)
     assert perfect["done_ece"] == pytest.approx(0.0)
     assert perfect["done_brier"] == pytest.approx(0.0)
-    wrong = M.calibration_metrics([0.95, 0.95], [0, 0])
+    wrong = M.calibration_metrics([0.95, 0.95], [0, 0], threshold=0.5)
     assert wrong["done_ece"] == pytest.approx(0.95)
     assert wrong["done_brier"] == pytest.approx(0.95**2)
     assert wrong["done_steps"] == 2
     assert perfect["done_f1"] == perfect["done_precision"] == perfect["done_recall"] == 1.0
     # Said done (> 0.5): steps 1, 2; truly done: steps 1, 3.
-    mixed = M.calibration_metrics([0.1, 0.9, 0.8, 0.2], [0, 1, 0, 1])
+    mixed = M.calibration_metrics([0.1, 0.9, 0.8, 0.2], [0, 1, 0, 1], threshold=0.5)
     assert (mixed["done_precision"], mixed["done_recall"]) == (0.5, 0.5)
     assert mixed["done_f1"] == pytest.approx(0.5)
     assert M.calibration_metrics([0.9, 0.8], [0, 1], threshold=0.85)["done_f1"] == 0.0

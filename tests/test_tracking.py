@@ -47,6 +47,7 @@ def client(mlflow_uri):
     return MlflowClient(mlflow_uri)
 
 
+@pytest.mark.slow  # a real SQLite store: MLflow's migrations take seconds
 def test_a_run_holds_params_tags_metrics_and_pictures(mlflow_store, client):
     run = tracking.start_run(
         {"train": {"loss": {"w_done": 3.0}}, "model": {"preset": "tiny"}},
@@ -71,6 +72,7 @@ def test_a_run_holds_params_tags_metrics_and_pictures(mlflow_store, client):
     assert (mlflow_store / "mlartifacts").is_dir()  # beside the SQLite file
 
 
+@pytest.mark.slow  # a real SQLite store: MLflow's migrations take seconds
 def test_a_run_nests_under_the_parent_from_the_environment(monkeypatch, client):
     parent = tracking.start_run({}, experiment_name="flows")
     monkeypatch.setenv(tracking.PARENT_RUN_ENV, parent.run_id)
@@ -81,6 +83,7 @@ def test_a_run_nests_under_the_parent_from_the_environment(monkeypatch, client):
     parent.finish()
 
 
+@pytest.mark.slow  # a real SQLite store: MLflow's migrations take seconds
 def test_resuming_continues_the_same_run_and_unknown_ids_start_a_new_one(client):
     first = tracking.start_run({"train": {"epochs": 2}})
     first.finish()
