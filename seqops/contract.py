@@ -30,8 +30,25 @@ COORDINATES = (
     " continuous pixel coordinates (pixel i covers [i, i + 1)); the image is stretched to"
     " image_size x image_size"
 )
+MODEL_NAME = "seqops"  # the metadata's name and the registered model's
 MAX_EXEMPLARS = 3  # exemplar boxes a model takes, as in FSC-147
 DEFAULT_MAX_OBJECTS = 200  # the loop's guard when a caller names none
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    """The names of one exported graph's inputs and outputs (the batch axis is dynamic)."""
+
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+STEP_IO = GraphIO(("features", "marks"), ("xy", "done"))
+
+
+def encoder_io(exemplars: bool) -> GraphIO:
+    """The encoder's inputs and outputs: the exemplar mask only for a model trained with it."""
+    return GraphIO(("image", "exemplar_mask") if exemplars else ("image",), ("features",))
 
 
 class ContractError(ValueError):

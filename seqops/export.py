@@ -20,7 +20,6 @@ import json
 import logging
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +35,15 @@ from seqops.contract import (
     INFO_FILE,
     METADATA_FORMAT,
     METADATA_KEY,
+    MODEL_NAME,
     STEP_FILE,
+    STEP_IO,
+    GraphIO,
+    encoder_io,
 )
 from seqops.io import atomic_directory, atomic_write_json
 from seqops.model import ModelSpec, SeqCounter
 from seqops.parity import PARITY_BATCH, PARITY_MARKS, check_parity
-from seqops.registry import REGISTERED_NAME
 
 log = logging.getLogger(__name__)
 
@@ -53,22 +55,6 @@ class ExportError(ValueError):
 
 
 # --- the two graphs ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GraphIO:
-    """The names of one exported graph's inputs and outputs (the batch axis is dynamic)."""
-
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-
-
-STEP_IO = GraphIO(("features", "marks"), ("xy", "done"))
-
-
-def encoder_io(exemplars: bool) -> GraphIO:
-    """The encoder's inputs and outputs: the exemplar mask only for a model trained with it."""
-    return GraphIO(("image", "exemplar_mask") if exemplars else ("image",), ("features",))
 
 
 class EncoderGraph(nn.Module):
@@ -116,7 +102,7 @@ def build_metadata(
     """
     return {
         "format": METADATA_FORMAT,
-        "name": REGISTERED_NAME,
+        "name": MODEL_NAME,
         "image_size": spec.image_size,
         "grid": spec.grid,
         "stride": spec.stride,

@@ -13,6 +13,7 @@ import onnxruntime as ort
 import torch
 
 from seqops import imaging
+from seqops.contract import STEP_IO, encoder_io
 from seqops.model import ModelSpec, SeqCounter
 
 # Fixed parity inputs: a batch other than the one traced (2) checks the dynamic axis, and
@@ -68,10 +69,9 @@ def check_parity(
     cpu = ["CPUExecutionProvider"]
     encoder = ort.InferenceSession(str(encoder_path), opts, providers=cpu)
     step = ort.InferenceSession(str(step_path), opts, providers=cpu)
-    feed = {"image": inputs["image"]}
-    if model.spec.exemplars:
-        feed["exemplar_mask"] = inputs["exemplar_mask"]
-    (features_ort,) = encoder.run(["features"], feed)
+    io = encoder_io(model.spec.exemplars)  # inputs are named as the graphs' inputs
+    feed = {name: inputs[name] for name in io.inputs}
+    (features_ort,) = encoder.run(list(io.outputs), feed)
     diffs: dict[str, float] = {}
     with torch.no_grad():
         mask = torch.from_numpy(feed["exemplar_mask"]) if model.spec.exemplars else None
@@ -79,7 +79,8 @@ def check_parity(
         diffs["features"] = _max_abs(features_ort, features_torch.numpy())
         for name in PARITY_MARKS:
             marks = inputs[name]
-            xy_ort, done_ort = step.run(["xy", "done"], {"features": features_ort, "marks": marks})
+            step_feed = dict(zip(STEP_IO.inputs, (features_ort, marks), strict=True))
+            xy_ort, done_ort = step.run(list(STEP_IO.outputs), step_feed)
             out = model.step(features_torch, torch.from_numpy(marks))
             diffs[f"xy/{name}"] = _max_abs(xy_ort, out.xy.numpy())
             diffs[f"done/{name}"] = _max_abs(done_ort, torch.sigmoid(out.done_logit).numpy())

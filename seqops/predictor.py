@@ -27,8 +27,10 @@ from seqops.contract import (
     MAX_EXEMPLARS,
     METADATA_KEY,
     STEP_FILE,
+    STEP_IO,
     ContractError,
     ModelInfo,
+    encoder_io,
     is_model_dir,
     parse_metadata,
     require_model_dir,
@@ -289,14 +291,16 @@ class Predictor:
 
     def encode(self, images: Sequence[PreparedImage]) -> np.ndarray:
         """Run the encoder on a batch: ``[B, C, g, g]`` features."""
-        feed = {"image": np.stack([im.pixels for im in images])}
+        inputs = [np.stack([im.pixels for im in images])]
         if self.info.exemplars:
-            feed["exemplar_mask"] = np.stack([im.exemplar_mask for im in images])
-        return self._encoder.run(["features"], feed)[0]
+            inputs.append(np.stack([im.exemplar_mask for im in images]))
+        io = encoder_io(self.info.exemplars)
+        return self._encoder.run(list(io.outputs), dict(zip(io.inputs, inputs, strict=True)))[0]
 
     def step(self, features: np.ndarray, marks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Run one step on a batch: normalised ``xy`` ``[B, 2]`` and ``done`` ``[B]``."""
-        xy, done = self._step.run(["xy", "done"], {"features": features, "marks": marks})
+        feed = dict(zip(STEP_IO.inputs, (features, marks), strict=True))
+        xy, done = self._step.run(list(STEP_IO.outputs), feed)
         return xy, done
 
     def start(

@@ -19,12 +19,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from seqops.contract import ENCODER_FILE, METADATA_KEY, MODEL_FILES, STEP_FILE
+from seqops.contract import ENCODER_FILE, METADATA_KEY, MODEL_FILES, MODEL_NAME, STEP_FILE, STEP_IO
 from seqops.tracking import TrackedRun, attach_run, start_run
 
 log = logging.getLogger(__name__)
 
-REGISTERED_NAME = "seqops"
+REGISTERED_NAME = MODEL_NAME
 CANDIDATE_ALIAS = "candidate"
 MODEL_ARTIFACT = "model"  # the logged model's name inside the run
 
@@ -64,19 +64,14 @@ def _signature(info: Mapping[str, Any]):
 
     channels = int(info["model_spec"]["step_channels"]) if "model_spec" in info else -1
     g = int(info["grid"])
+    features, marks = STEP_IO.inputs
+    xy, done = STEP_IO.outputs
+    f32 = np.dtype(np.float32)
     return ModelSignature(
         inputs=Schema(
-            [
-                TensorSpec(np.dtype(np.float32), (-1, channels, g, g), "features"),
-                TensorSpec(np.dtype(np.float32), (-1, 1, g, g), "marks"),
-            ]
+            [TensorSpec(f32, (-1, channels, g, g), features), TensorSpec(f32, (-1, 1, g, g), marks)]
         ),
-        outputs=Schema(
-            [
-                TensorSpec(np.dtype(np.float32), (-1, 2), "xy"),
-                TensorSpec(np.dtype(np.float32), (-1,), "done"),
-            ]
-        ),
+        outputs=Schema([TensorSpec(f32, (-1, 2), xy), TensorSpec(f32, (-1,), done)]),
     )
 
 
