@@ -1,7 +1,9 @@
 # syntax=docker/dockerfile:1
-# The seqops serving image: `seqops serve` on onnxruntime, no torch (DESIGN principle 6).
+# The seqops serving image: `seqops serve` on onnxruntime, no torch (docs/architecture.md, principle 6).
 #
 #   docker build -f docker/serve.Dockerfile -t seqops-serve .                 # model from MLflow
+#   docker build -f docker/serve.Dockerfile --build-arg EXTRAS=serve,gpu \
+#       -t seqops-serve:cuda .                                               # CUDA provider
 #   docker run -p 8000:8000 -e MLFLOW_TRACKING_URI=http://mlflow:5000 seqops-serve
 #   docker build -f docker/serve.Dockerfile --target baked \
 #       --build-arg MODEL_DIR=models/onnx -t seqops-serve:baked .            # model baked in
@@ -13,9 +15,9 @@
 #
 # Build arguments:
 #   BASE_IMAGE      any Debian/Ubuntu-like image with python3 >= 3.11 and venv
-#   ORT_EXTRAS      onnxruntime-gpu extras, e.g. "cuda,cudnn" to add NVIDIA's CUDA/cuDNN pip
-#                   wheels for the CUDA provider on GPU hosts; empty (default) keeps the image
-#                   slim, and onnxruntime-gpu then runs on the CPU provider.
+#   EXTRAS          the package's extras: `serve` (default) is the slim CPU image (onnxruntime);
+#                   `serve,gpu` swaps in onnxruntime-gpu with NVIDIA's CUDA/cuDNN pip wheels, for
+#                   the CUDA provider on GPU hosts (requirements/deps.py: never both packages).
 #   MODEL_DIR       (target `baked` only) an exported model directory inside the build context
 #                   (encoder.onnx, step.onnx, model.json).
 # Secret (optional): `pip_cert`, a CA bundle for pip when PyPI sits behind a TLS proxy; it is
@@ -25,24 +27,23 @@ ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 # --- deps: the dependencies in a venv, from pyproject + the lock only (cached until they change)
 FROM ${BASE_IMAGE} AS deps
-ARG ORT_EXTRAS=
+ARG EXTRAS=serve
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_INPUT=1
 RUN python3 -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY requirements/constraints.txt requirements/constraints.txt
+COPY requirements/constraints.txt requirements/deps.py requirements/
 RUN --mount=type=secret,id=pip_cert \
     --mount=type=cache,target=/root/.cache/pip,sharing=locked \
     set -eu; \
     if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi; \
-    /opt/venv/bin/python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["serve"]))' \
-        > /tmp/requirements.txt; \
-    if [ -n "${ORT_EXTRAS}" ]; then echo "onnxruntime-gpu[${ORT_EXTRAS}]" >> /tmp/requirements.txt; fi; \
+    /opt/venv/bin/python requirements/deps.py "${EXTRAS}" > /tmp/requirements.txt; \
     /opt/venv/bin/pip install -c requirements/constraints.txt -r /tmp/requirements.txt
 
 # --- wheel: the library (seqops) and the HTTP service (serve) as one wheel ------------------
 FROM deps AS wheel
+COPY LICENSE ./
 COPY seqops ./seqops
 COPY serve ./serve
 COPY flows ./flows

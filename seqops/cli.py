@@ -227,6 +227,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _register_predict(sub: argparse._SubParsersAction) -> None:
+    from seqops.contract import DEFAULT_MAX_OBJECTS  # here: not a dep of every stage
+
     p = sub.add_parser(
         "predict",
         help="count the objects in images (JSON per image on stdout)",
@@ -246,8 +248,10 @@ def _register_predict(sub: argparse._SubParsersAction) -> None:
         help="exemplar boxes for a model trained with them, in image pixels: JSON (or a JSON "
         "file) holding [[x1, y1, x2, y2], ...] for every image, or {image: boxes}",
     )
-    p.add_argument("--max-objects", type=int, default=200, help="loop guard (default 200)")
-    p.add_argument("--done-threshold", type=float, help="default: the model's (0.5)")
+    p.add_argument(
+        "--max-objects", type=int, default=DEFAULT_MAX_OBJECTS, help="loop guard (%(default)s)"
+    )
+    p.add_argument("--done-threshold", type=float, help="default: the model's own")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.set_defaults(func=cmd_predict)
 

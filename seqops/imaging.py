@@ -1,8 +1,8 @@
 """Torch-free image and mark handling shared by training and serving.
 
 Everything the serving path needs to turn a request into network inputs lives
-here, in numpy + Pillow (DESIGN principle 6): decoding, resizing to the model's
-square input, normalisation, the coordinate convention, and the rendering of
+here, in numpy + Pillow (docs/architecture.md, principle 6): decoding, resizing to the
+model's square input, normalisation, the coordinate convention, and the rendering of
 marks (objects already found) and exemplar boxes into maps on the feature grid.
 Training calls the very same functions, so train and serve cannot drift apart.
 

@@ -1,8 +1,9 @@
 """MLflow tracking: where runs go, and a small handle that logs one training run.
 
-Embedded default (DESIGN principle 7): MLflow's SQLite store ``sqlite:///mlflow.db`` in the
-current directory, artifacts in ``./mlartifacts`` beside it (the layout ``mlflow server``
-uses by default, so ``mlflow ui --backend-store-uri sqlite:///mlflow.db`` shows the runs).
+Embedded default (docs/architecture.md, principle 7): MLflow's SQLite store
+``sqlite:///mlflow.db`` in the current directory, artifacts in ``./mlartifacts`` beside it (the
+layout ``mlflow server`` uses by default, so ``mlflow ui --backend-store-uri
+sqlite:///mlflow.db`` shows the runs).
 ``MLFLOW_TRACKING_URI`` switches to a server (Postgres + S3/MinIO) without a code change;
 the server then chooses the artifact location. Nothing happens at import time: the URI is
 resolved and the client built only when a run starts.

@@ -174,7 +174,8 @@ def test_no_import_cycles():
 
 
 def test_serving_never_imports_torch():
-    """DESIGN principle 6: the predictor, the contract and the server run without torch."""
+    """The predictor, the contract and the server run without torch (docs/architecture.md,
+    principle 6)."""
     files = module_files()
     graph = import_graph(files)
     torch_modules = {

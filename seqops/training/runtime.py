@@ -1,8 +1,8 @@
 """Where training runs: device choice, the ``torchrun`` process group, seeds, progress bars.
 
-Switched by config and environment, never by code edits (DESIGN principle 7): ``device:
-auto`` takes CUDA when present; launched by ``torchrun`` (``WORLD_SIZE``/``LOCAL_RANK`` in
-the environment) the same command joins a DDP process group (nccl on CUDA, gloo on CPU).
+Switched by config and environment, never by code edits (docs/architecture.md, principle 7):
+``device: auto`` takes CUDA when present; launched by ``torchrun`` (``WORLD_SIZE``/``LOCAL_RANK``
+in the environment) the same command joins a DDP process group (nccl on CUDA, gloo on CPU).
 """
 
 from __future__ import annotations
