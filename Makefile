@@ -3,7 +3,15 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-EXTRAS := pipeline,train,serve,dev
+# The stamp holds the extras of the last install, and they stay the default: after
+# `make install EXTRAS=pipeline,train,serve,dev,gpu` a GPU host keeps onnxruntime-gpu in every
+# later target, until an install names other extras (the CPU ones switch it back).
+INSTALLED_EXTRAS := $(shell cat $(STAMP) 2>/dev/null)
+DEFAULT_EXTRAS   := pipeline,train,serve,dev
+EXTRAS := $(or $(INSTALLED_EXTRAS),$(DEFAULT_EXTRAS))
+comma  := ,
+# onnxruntime (the core's) and onnxruntime-gpu (the `gpu` extra's) are one module in two packages.
+ORT_UNWANTED := $(if $(filter gpu,$(subst $(comma), ,$(EXTRAS))),onnxruntime,onnxruntime-gpu)
 # Stage commands in dvc.yaml call `seqops`; put the venv first so `dvc repro` finds it.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
@@ -22,12 +30,25 @@ SET          ?=
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml requirements/constraints.txt
+# Other extras than the last install's: install again.
+ifneq ($(EXTRAS),$(INSTALLED_EXTRAS))
+.PHONY: $(STAMP)
+endif
+# The two onnxruntime packages share their files, so removing one breaks the other: if the
+# unwanted one is here (an old .venv, or a switch between CPU and GPU), both go, and the wanted
+# one is installed whole. requirements/deps.py lists the dependencies with only that one (pip
+# would add the core's onnxruntime to the gpu extra's), and the package goes in with --no-deps.
+$(STAMP): pyproject.toml requirements/constraints.txt requirements/deps.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -c requirements/constraints.txt -e ".[$(EXTRAS)]"
-	touch $(STAMP)
+	! $(BIN)/pip show -q $(ORT_UNWANTED) 2>/dev/null || \
+		$(BIN)/pip uninstall -y -q onnxruntime onnxruntime-gpu
+	$(BIN)/python requirements/deps.py "$(EXTRAS)" > $(VENV)/requirements.txt
+	$(BIN)/pip install -q -c requirements/constraints.txt -r $(VENV)/requirements.txt
+	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/python -c "import onnxruntime, seqops"
+	echo "$(EXTRAS)" > $(STAMP)
 
-install: $(STAMP) ## Create .venv and install the pinned environment (requirements/constraints.txt)
+install: $(STAMP) ## Create .venv and install the pinned environment (EXTRAS=...,gpu: onnxruntime-gpu)
 
 demo: $(STAMP) ## The pipeline flow end to end on the embedded defaults, then a served prediction
 	$(BIN)/python scripts/demo.py

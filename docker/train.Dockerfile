@@ -18,6 +18,9 @@
 #
 # Build arguments:
 #   BASE_IMAGE            Debian/Ubuntu-like image (python3 >= 3.11 is installed if missing)
+#   EXTRAS                the package's extras: `pipeline,train` (default; onnxruntime on the
+#                         CPU for evaluation), `pipeline,train,gpu` for onnxruntime-gpu with the
+#                         CUDA provider (requirements/deps.py: never both onnxruntime packages)
 #   PIP_EXTRA_INDEX_URL   e.g. https://download.pytorch.org/whl/cu128 for a given CUDA build
 #   PIP_FIND_LINKS        a wheel directory mounted at build time (this machine: the CPU torch
 #                         wheel, so its test build does not download several GB of CUDA)
@@ -31,6 +34,7 @@
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 FROM ${BASE_IMAGE} AS train
+ARG EXTRAS=pipeline,train
 ARG PIP_EXTRA_INDEX_URL
 ARG PIP_FIND_LINKS
 LABEL org.opencontainers.image.title="seqops-train" \
@@ -55,14 +59,13 @@ RUN set -eu; \
     python3 -m venv /opt/venv
 WORKDIR /workspace
 # Dependencies first, from pyproject + the lock only, so editing code does not reinstall them.
-COPY pyproject.toml README.md ./
-COPY requirements/constraints.txt requirements/constraints.txt
+COPY pyproject.toml README.md LICENSE ./
+COPY requirements/constraints.txt requirements/deps.py requirements/
 RUN --mount=type=secret,id=pip_cert \
     --mount=type=cache,target=/root/.cache/pip,sharing=locked \
     set -eu; \
     if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi; \
-    python3 -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; x = p["optional-dependencies"]; print("\n".join(p["dependencies"] + x["pipeline"] + x["train"]))' \
-        > /tmp/requirements.txt; \
+    python3 requirements/deps.py "${EXTRAS}" > /tmp/requirements.txt; \
     pip install -c requirements/constraints.txt -r /tmp/requirements.txt; \
     rm /tmp/requirements.txt
 # The workspace: code and the pipeline's definition (a name in [] is optional: copied if present).
