@@ -47,6 +47,7 @@ class ShuttingDownError(Exception):
 
 
 def _new_future() -> asyncio.Future:
+    """A future of the running loop (a Job is created inside it)."""
     return asyncio.get_running_loop().create_future()
 
 
@@ -168,6 +169,7 @@ class StepBatcher:
     # -- the loop ----------------------------------------------------------------------
 
     async def _run(self) -> None:
+        """The batcher task: take newcomers, run a turn in the worker thread, hand out results."""
         loop = asyncio.get_running_loop()
         while True:
             if not self._waiting and not self._active:
@@ -272,6 +274,7 @@ class StepBatcher:
                 _fail(job, DeadlineError("deadline passed while the request was queued"))
 
     def _push_points(self, job: Job) -> None:
+        """Send a streaming job the points found since the last turn (original pixels)."""
         if job.stream is None or job.future.done():
             return
         rollout = job.rollout
@@ -292,6 +295,7 @@ class StepBatcher:
         job.sent = len(rollout.points_norm)
 
     def _resolve(self, job: Job) -> None:
+        """Finish a job: its prediction with timings, metrics, the end of its stream."""
         if job.future.done():
             return
         now = time.perf_counter()
@@ -310,6 +314,7 @@ class StepBatcher:
 
 
 def _fail(job: Job, exc: BaseException) -> None:
+    """Fail a job (unless already finished) and end its stream."""
     if not job.future.done():
         job.future.set_exception(exc)
     if job.stream is not None:

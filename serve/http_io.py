@@ -1,22 +1,25 @@
-"""HTTP plumbing shared by the routes: body limit, error format, reading image requests."""
+"""HTTP plumbing shared by the routers: their dependencies (the service, the API key), body
+limit, error format, reading image requests."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import json
-from typing import Any
+import secrets
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serve.schemas import ErrorResponse
-from serve.service import ServeError
+from serve.service import ServeError, Service
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "application/octet-stream")
 ERROR_RESPONSES = {
@@ -34,7 +37,48 @@ ERROR_RESPONSES = {
 }
 
 
-def image_body_doc(json_model: type) -> dict:
+# --- route dependencies --------------------------------------------------------------------
+
+
+def get_service(request: Request) -> Service:
+    """The app's :class:`Service` (one per app, so several apps in one process stay apart)."""
+    return request.app.state.service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+
+# auto_error=False: a missing or non-bearer header is ours to answer (401 with our message),
+# and the key is only checked when one is configured.
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="Required when the server's API key variable (SEQOPS_API_KEY) is set.",
+)
+
+
+def require_api_key(
+    service: ServiceDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+) -> None:
+    """Bearer token check, active when the API key environment variable is set."""
+    expected = service.settings.api_key()
+    if expected is None:
+        return
+    token = credentials.credentials if credentials is not None else ""
+    if not secrets.compare_digest(token.encode(), expected.encode()):
+        raise ServeError(
+            401,
+            "missing or wrong API key (Authorization: Bearer <key>)",
+            {"WWW-Authenticate": "Bearer"},
+        )
+
+
+API_KEY = Depends(require_api_key)  # for a router's or a route's ``dependencies``
+
+
+# --- OpenAPI --------------------------------------------------------------------------------
+
+
+def image_body_doc(json_model: type[BaseModel]) -> dict:
     """OpenAPI for a body that is a raw image, a multipart upload, or JSON with base64."""
     binary = {"schema": {"type": "string", "format": "binary"}}
     return {
@@ -50,10 +94,28 @@ def image_body_doc(json_model: type) -> dict:
                         "properties": {"file": {"type": "string", "format": "binary"}},
                     }
                 },
-                "application/json": {"schema": json_model.model_json_schema()},
+                "application/json": {"schema": inline_schema(json_model)},
             },
         }
     }
+
+
+def inline_schema(model: type[BaseModel]) -> dict:
+    """``model``'s JSON schema with its definitions inlined, for a body FastAPI does not parse
+    (OpenAPI resolves ``$ref`` from the document root, where the model's ``$defs`` are not)."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(definitions[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(value) for value in node]
+        return node
+
+    return resolve(schema)
 
 
 # --- body limit, errors ------------------------------------------------------------
@@ -101,10 +163,11 @@ class BodyLimitMiddleware:
 
 
 class _BodyTooLarge(Exception):
-    pass
+    """Raised inside the app when the streamed body passes the limit."""
 
 
 def error_response(path: str, status: int, message: Any, headers=None) -> JSONResponse:
+    """The error answer in the format of the API ``path`` belongs to."""
     # KServe clients expect {"error": ...}; the simple API uses FastAPI's {"detail": ...}.
     if path.startswith("/v2"):
         if not isinstance(message, str):
@@ -116,6 +179,9 @@ def error_response(path: str, status: int, message: Any, headers=None) -> JSONRe
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    """Every error, ours and FastAPI's (validation, 404, 405), in :func:`error_response`'s
+    format."""
+
     @app.exception_handler(ServeError)
     async def _serve_error(request: Request, exc: ServeError):
         return error_response(request.url.path, exc.status, exc.message, exc.headers)
@@ -130,6 +196,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 def _jsonable_errors(errors) -> list[dict]:
+    """Validation errors without their (unserialisable) context."""
     return [
         {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
         for e in errors
@@ -175,6 +242,7 @@ async def read_image_request(request: Request, json_model: type) -> tuple[bytes,
 
 
 def _located(exc: ValidationError, where: str) -> list[dict]:
+    """Validation errors located under ``where`` (``body``, ``options``)."""
     errors = exc.errors(include_url=False, include_context=False)
     return [{**e, "loc": (where, *e["loc"])} for e in errors]
 

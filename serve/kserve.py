@@ -16,26 +16,28 @@ import base64
 import binascii
 import struct
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, Request, Response
 from pydantic import ValidationError
 
 from seqops import __version__
+from seqops.predictor import Prediction
 from serve.batcher import Job
+from serve.http_io import API_KEY, ServiceDep, inline_schema
 from serve.schemas import (
     InferRequest,
     InferResponse,
     KServeError,
     ModelMetadata,
+    ModelReady,
     PredictOptions,
+    ServerLive,
     ServerMetadata,
+    ServerReady,
 )
-from serve.service import ServeError, Service, require_api_key
-
-router = APIRouter(prefix="/v2", tags=["kserve v2"])
+from serve.service import ServeError, Service
 
 OUTPUTS = {"count": ("INT32", [1]), "points": ("FP32", [-1, 2])}
 # Request parameters tritonclient may send that do not concern this model.
@@ -50,54 +52,97 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": KServeError} for code in (400, 401, 404, 413, 422, 429, 503, 504)
 }
 
+# Open: probes and metadata that orchestrators and clients ask before they hold a key.
+health_router = APIRouter(prefix="/v2", tags=["kserve v2"])
+# The model's metadata and inference: the API key when one is set.
+router = APIRouter(prefix="/v2", tags=["kserve v2"], dependencies=[API_KEY], responses=_ERRORS)
 
-def _service(request: Request) -> Service:
-    return request.app.state.service
 
-
-def _model(service: Service, name: str, version: str | None) -> None:
-    """404 unless ``name`` (and ``version``) is the served model; 503 before it is loaded."""
+def served_model(service: ServiceDep, model_name: str, version: str | None = None) -> Service:
+    """The service, once ``model_name`` (and ``version``) is the served model: 404 otherwise,
+    503 before the model is loaded."""
     if service.predictor is None:
         raise ServeError(503, "not ready: the model is still loading", {"Retry-After": "1"})
     served = service.predictor.info.name
-    if name != served:
-        raise ServeError(404, f"model {name!r} not found; this server serves {served!r}")
+    if model_name != served:
+        raise ServeError(404, f"model {model_name!r} not found; this server serves {served!r}")
     if version is not None and version != service.version:
         raise ServeError(
-            404, f"model {name!r} version {version!r} not found; serving {service.version!r}"
+            404,
+            f"model {model_name!r} version {version!r} not found; serving {service.version!r}",
         )
+    return service
+
+
+ServedModel = Annotated[Service, Depends(served_model)]
+
+
+def _model_route(on: APIRouter, suffix: str, method: str, **options: Any):
+    """Register the decorated endpoint for the model and for one version of it:
+    ``/models/{model_name}<suffix>`` and ``/models/{model_name}/versions/{version}<suffix>``."""
+
+    def register(endpoint):
+        for base in ("/models/{model_name}", "/models/{model_name}/versions/{version}"):
+            on.add_api_route(base + suffix, endpoint, methods=[method], **options)
+        return endpoint
+
+    return register
 
 
 # --- health and metadata ------------------------------------------------------------------
 
 
-@router.get("", response_model=ServerMetadata)
+@health_router.get("", summary="Server metadata", response_model=ServerMetadata)
 async def server_metadata() -> dict:
     """Server name, version and protocol extensions."""
     return {"name": "seqops", "version": __version__, "extensions": ["binary_tensor_data"]}
 
 
-@router.get("/health/live")
-async def server_live(request: Request) -> JSONResponse:
-    """Liveness."""
-    service = _service(request)
+@health_router.get(
+    "/health/live", summary="Liveness", response_model=ServerLive, responses={503: _ERRORS[503]}
+)
+async def server_live(service: ServiceDep) -> dict:
+    """Liveness: 503 only when the model failed to load."""
     if service.load_error:
-        return JSONResponse({"error": service.load_error}, 503)
-    return JSONResponse({"live": True})
+        raise ServeError(503, service.load_error)
+    return {"live": True}
 
 
-@router.get("/health/ready")
-async def server_ready(request: Request) -> JSONResponse:
+@health_router.get(
+    "/health/ready",
+    summary="Readiness",
+    response_model=ServerReady,
+    response_model_exclude_unset=True,
+    responses={503: {"model": ServerReady}},
+)
+async def server_ready(service: ServiceDep, response: Response) -> dict:
     """Readiness: the model is loaded and warmed up, and the server is not stopping."""
-    service = _service(request)
     if not service.ready:
-        return JSONResponse({"error": "not ready", "ready": False}, 503)
-    return JSONResponse({"ready": True})
+        response.status_code = 503
+        return {"error": "not ready", "ready": False}
+    return {"ready": True}
 
 
-async def _model_metadata(request: Request, model_name: str, version: str | None = None):
-    service = _service(request)
-    _model(service, model_name, version)
+@_model_route(
+    health_router,
+    "/ready",
+    "GET",
+    summary="Model readiness",
+    response_model=ModelReady,
+    responses={code: _ERRORS[code] for code in (404, 503)},
+)
+async def model_ready(service: ServedModel, model_name: str) -> dict:
+    """Whether the named model (and version) is ready for inference."""
+    if not service.ready:
+        raise ServeError(503, f"model {model_name!r} is not ready")
+    return {"name": model_name, "ready": True}
+
+
+@_model_route(
+    router, "", "GET", summary="Model metadata: inputs and outputs", response_model=ModelMetadata
+)
+async def model_metadata(service: ServedModel) -> dict:
+    """The model's name, versions, inputs and outputs."""
     info = service.predictor.info
     inputs = [{"name": "image", "datatype": "UINT8", "shape": [-1, -1, 3]}]
     if info.exemplars:
@@ -111,35 +156,39 @@ async def _model_metadata(request: Request, model_name: str, version: str | None
     }
 
 
-async def _model_ready(request: Request, model_name: str, version: str | None = None):
-    service = _service(request)
-    _model(service, model_name, version)
-    if not service.ready:
-        return JSONResponse({"error": f"model {model_name!r} is not ready"}, 503)
-    return JSONResponse({"name": model_name, "ready": True})
-
-
-_auth = [Depends(require_api_key)]
-for _path, _fn in [
-    ("/models/{model_name}", _model_metadata),
-    ("/models/{model_name}/versions/{version}", _model_metadata),
-]:
-    router.add_api_route(
-        _path, _fn, methods=["GET"], response_model=ModelMetadata, responses=_ERRORS,
-        dependencies=_auth, summary="Model metadata: inputs and outputs",
-    )  # fmt: skip
-for _path in ["/models/{model_name}/ready", "/models/{model_name}/versions/{version}/ready"]:
-    router.add_api_route(_path, _model_ready, methods=["GET"], summary="Model readiness")
-
-
 # --- inference ------------------------------------------------------------------------------
 
+# The body is read as bytes (JSON, or JSON then binary tensors), so FastAPI documents none.
+_INFER_BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": inline_schema(InferRequest)},
+            "application/octet-stream": {
+                "schema": {
+                    "type": "string",
+                    "format": "binary",
+                    "description": "the JSON request, then the binary tensors it announces"
+                    " (its length in the Inference-Header-Content-Length header)",
+                }
+            },
+        },
+    }
+}
 
-async def infer(request: Request, model_name: str, version: str | None = None) -> JSONResponse:
+
+@_model_route(
+    router,
+    "/infer",
+    "POST",
+    summary="Inference (Open Inference Protocol, JSON tensors)",
+    response_model=InferResponse,
+    response_model_exclude_unset=True,  # no "id" unless the request had one
+    openapi_extra=_INFER_BODY_DOC,
+)
+async def infer(request: Request, service: ServedModel) -> dict:
     """Count the objects of one image; the request ``id`` is echoed."""
     t0 = time.perf_counter()
-    service = _service(request)
-    _model(service, model_name, version)
     service.check_ready()
     body = await request.body()
     header_length = request.headers.get("inference-header-content-length")
@@ -151,6 +200,11 @@ async def infer(request: Request, model_name: str, version: str | None = None) -
         job = Job(image, threshold, max_objects, deadline, prepare_ms=prepare_ms)
         slot.submit(job)
     prediction = await service.wait(job)
+    return _infer_response(service, req, prediction, t0)
+
+
+def _infer_response(service: Service, req: InferRequest, prediction: Prediction, t0: float) -> dict:
+    """The response body: the wanted output tensors, the loop's outcome as parameters."""
     wanted = [o.name for o in req.outputs] if req.outputs else list(OUTPUTS)
     points = np.asarray(prediction.points, np.float32).reshape(-1, 2)
     tensors = {
@@ -175,14 +229,7 @@ async def infer(request: Request, model_name: str, version: str | None = None) -
     }
     if req.id is not None:
         response["id"] = req.id
-    return JSONResponse(response)
-
-
-for _path in ["/models/{model_name}/infer", "/models/{model_name}/versions/{version}/infer"]:
-    router.add_api_route(
-        _path, infer, methods=["POST"], response_model=InferResponse, responses=_ERRORS,
-        dependencies=_auth, summary="Inference (Open Inference Protocol, JSON tensors)",
-    )  # fmt: skip
+    return response
 
 
 def _loop_options(parameters: dict[str, Any]) -> PredictOptions:
@@ -252,6 +299,7 @@ def parse_infer_request(body: bytes, header_length: str | None) -> tuple[InferRe
 
 
 def _image_input(tensor, raw: bytes | None) -> bytes | np.ndarray:
+    """The ``image`` input: encoded bytes (BYTES) or a uint8 ``[H, W, 3]`` array (UINT8)."""
     if tensor.datatype == "BYTES":
         if int(np.prod(tensor.shape)) != 1:
             raise ServeError(400, f"image: BYTES shape must hold one image, got {tensor.shape}")

@@ -19,6 +19,7 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -49,86 +50,108 @@ def reason_for(status: int) -> str:
     return _REASONS.get(status, "error" if status >= 500 else "client_error")
 
 
+# The service's metrics: attribute -> (kind, name, help, options). Durations are histograms
+# so that p50/p99 come out of Prometheus; gauges add up over workers in multiprocess mode.
+_METRICS = {
+    "request_seconds": (
+        Histogram,
+        "seqops_request_duration_seconds",
+        "Time from request start to the last byte of the response.",
+        {"labelnames": ["endpoint"], "buckets": _LATENCY_BUCKETS},
+    ),
+    "requests": (
+        Counter,
+        "seqops_requests",  # exposed as seqops_requests_total
+        "Finished requests by endpoint and outcome (ok or the failure reason).",
+        {"labelnames": ["endpoint", "reason"]},
+    ),
+    "inflight": (
+        Gauge,
+        "seqops_inflight_requests",
+        "Requests being handled now.",
+        {"multiprocess_mode": "livesum"},
+    ),
+    "queue_seconds": (
+        Histogram,
+        "seqops_queue_seconds",
+        "Time from admission to the start of the image's encoding.",
+        {"buckets": _LATENCY_BUCKETS},
+    ),
+    "queue_depth": (
+        Gauge,
+        "seqops_queue_depth",
+        "Requests admitted and not yet stepping (decoding or waiting).",
+        {"multiprocess_mode": "livesum"},
+    ),
+    "encode_seconds": (
+        Histogram,
+        "seqops_encode_seconds",
+        "One batched encoder run.",
+        {"buckets": _STEP_BUCKETS},
+    ),
+    "step_seconds": (
+        Histogram,
+        "seqops_step_seconds",
+        "One batched step run (all active images together).",
+        {"buckets": _STEP_BUCKETS},
+    ),
+    "batch_size": (
+        Histogram,
+        "seqops_batch_size",
+        "Images in one step run.",
+        {"buckets": _BATCH_BUCKETS},
+    ),
+    "steps_per_request": (
+        Histogram,
+        "seqops_steps_per_request",
+        "Steps run for one image (objects found + the final done step).",
+        {"buckets": _STEPS_BUCKETS},
+    ),
+    "model_info": (
+        Gauge,
+        "seqops_model_info",
+        "The served model: 1 with its name, version, preset and execution provider.",
+        {"labelnames": ["name", "version", "preset", "provider"], "multiprocess_mode": "max"},
+    ),
+}
+
+
 class ServeMetrics:
-    """The service's metrics, registered in a registry of their own."""
+    """The service's metrics (:data:`_METRICS`), registered in a registry of their own."""
+
+    request_seconds: Histogram
+    requests: Counter
+    inflight: Gauge
+    queue_seconds: Histogram
+    queue_depth: Gauge
+    encode_seconds: Histogram
+    step_seconds: Histogram
+    batch_size: Histogram
+    steps_per_request: Histogram
+    model_info: Gauge
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        reg = self.registry
-        self.request_seconds = Histogram(
-            "seqops_request_duration_seconds",
-            "Time from request start to the last byte of the response.",
-            ["endpoint"],
-            buckets=_LATENCY_BUCKETS,
-            registry=reg,
-        )
-        self.requests = Counter(
-            "seqops_requests",
-            "Finished requests by endpoint and outcome (ok or the failure reason).",
-            ["endpoint", "reason"],
-            registry=reg,
-        )
-        self.inflight = Gauge(
-            "seqops_inflight_requests",
-            "Requests being handled now.",
-            multiprocess_mode="livesum",
-            registry=reg,
-        )
-        self.queue_seconds = Histogram(
-            "seqops_queue_seconds",
-            "Time from admission to the start of the image's encoding.",
-            buckets=_LATENCY_BUCKETS,
-            registry=reg,
-        )
-        self.queue_depth = Gauge(
-            "seqops_queue_depth",
-            "Requests admitted and not yet stepping (decoding or waiting).",
-            multiprocess_mode="livesum",
-            registry=reg,
-        )
-        self.encode_seconds = Histogram(
-            "seqops_encode_seconds",
-            "One batched encoder run.",
-            buckets=_STEP_BUCKETS,
-            registry=reg,
-        )
-        self.step_seconds = Histogram(
-            "seqops_step_seconds",
-            "One batched step run (all active images together).",
-            buckets=_STEP_BUCKETS,
-            registry=reg,
-        )
-        self.batch_size = Histogram(
-            "seqops_batch_size",
-            "Images in one step run.",
-            buckets=_BATCH_BUCKETS,
-            registry=reg,
-        )
-        self.steps_per_request = Histogram(
-            "seqops_steps_per_request",
-            "Steps run for one image (objects found + the final done step).",
-            buckets=_STEPS_BUCKETS,
-            registry=reg,
-        )
-        self.model_info = Gauge(
-            "seqops_model_info",
-            "The served model: 1 with its name, version, preset and execution provider.",
-            ["name", "version", "preset", "provider"],
-            multiprocess_mode="max",
-            registry=reg,
-        )
+        for attribute, (kind, name, documentation, options) in _METRICS.items():
+            setattr(self, attribute, kind(name, documentation, registry=self.registry, **options))
 
     def set_model(self, name: str, version: str, preset: str, provider: str) -> None:
         """Publish the loaded model's identity."""
         self.model_info.labels(name, version, preset, provider).set(1)
 
-    def render(self) -> tuple[bytes, str]:
-        """The exposition text and its content type (all workers in multiprocess mode)."""
+    def render(self) -> bytes:
+        """The exposition text (of all workers in multiprocess mode)."""
         if os.environ.get(MULTIPROC_ENV):
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
-            return generate_latest(registry), CONTENT_TYPE_LATEST
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+            return generate_latest(registry)
+        return generate_latest(self.registry)
+
+
+class PrometheusResponse(Response):
+    """The exposition text with its content type."""
+
+    media_type = CONTENT_TYPE_LATEST
 
 
 class RequestMetricsMiddleware:
@@ -141,6 +164,7 @@ class RequestMetricsMiddleware:
         self.endpoints = endpoints  # path -> endpoint label; /v2/.../infer matched by suffix
 
     def _label(self, path: str) -> str | None:
+        """The endpoint label of a path, or None for paths not measured."""
         if path in self.endpoints:
             return self.endpoints[path]
         if path.startswith("/v2/models/") and path.endswith("/infer"):

@@ -126,6 +126,36 @@ class StreamDone(BaseModel):
     timings_ms: dict[str, float]
 
 
+class StreamError(BaseModel):
+    """The last record of ``/predict/stream`` when the count fails after the stream began
+    (the status it would have had, e.g. 504 for a deadline)."""
+
+    event: Literal["error"] = "error"
+    status: int
+    detail: str
+
+
+# One line of NDJSON, or the data of one server-sent event.
+StreamRecord = Annotated[StreamPoint | StreamDone | StreamError, Field(discriminator="event")]
+
+
+class Liveness(BaseModel):
+    """``/healthz``: the process answers (503 with the reason once the model failed to load)."""
+
+    live: bool
+    error: str | None = Field(None, description="why the model could not be loaded")
+
+
+class Readiness(BaseModel):
+    """``/readyz``: the model is loaded and warmed up, and the server is not stopping."""
+
+    ready: bool
+    model: ModelRef | None = Field(None, description="the served model, when ready")
+    reason: str | None = Field(
+        None, description="when not ready: loading, shutting down, or the load error"
+    )
+
+
 class ErrorResponse(BaseModel):
     """An error of the simple API."""
 
@@ -136,18 +166,44 @@ class ErrorResponse(BaseModel):
 
 
 class TensorMetadata(BaseModel):
+    """A tensor the model takes or gives (-1: any size)."""
+
     name: str
     datatype: str
     shape: list[int]
 
 
+class ServerLive(BaseModel):
+    """``/v2/health/live``."""
+
+    live: bool
+
+
+class ServerReady(BaseModel):
+    """``/v2/health/ready`` (503 with ``error`` while not ready)."""
+
+    ready: bool
+    error: str | None = None
+
+
+class ModelReady(BaseModel):
+    """``/v2/models/{name}/ready``."""
+
+    name: str
+    ready: bool
+
+
 class ServerMetadata(BaseModel):
+    """``/v2``: the server and the protocol extensions it supports."""
+
     name: str
     version: str
     extensions: list[str]
 
 
 class ModelMetadata(BaseModel):
+    """``/v2/models/{name}``: the model's versions, inputs and outputs."""
+
     name: str
     versions: list[str]
     platform: str
@@ -167,6 +223,8 @@ class InferInputTensor(BaseModel):
 
 
 class InferRequestedOutput(BaseModel):
+    """An output the request asks for (all of them when none are named)."""
+
     name: str
     parameters: dict[str, Any] | None = None
 
@@ -182,6 +240,8 @@ class InferRequest(BaseModel):
 
 
 class InferOutputTensor(BaseModel):
+    """An output tensor, always as JSON ``data``."""
+
     name: str
     shape: list[int]
     datatype: str
@@ -189,6 +249,8 @@ class InferOutputTensor(BaseModel):
 
 
 class InferResponse(BaseModel):
+    """``infer``'s answer: ``parameters`` hold the loop's outcome, ``id`` is the request's."""
+
     model_name: str
     model_version: str
     id: str | None = None
@@ -197,4 +259,6 @@ class InferResponse(BaseModel):
 
 
 class KServeError(BaseModel):
+    """An error of the KServe v2 routes."""
+
     error: str

@@ -1,7 +1,8 @@
 """The service behind the routes: model loading, admission, decoding, waiting for results.
 
 Routes of the simple API and of KServe v2 both go through :class:`Service`, so limits,
-errors and metrics are the same whichever protocol a client speaks.
+errors and metrics are the same whichever protocol a client speaks. Nothing here knows
+about HTTP requests; the routers reach the service through ``http_io.ServiceDep``.
 """
 
 from __future__ import annotations
@@ -10,14 +11,12 @@ import asyncio
 import contextlib
 import io
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import numpy as np
-from fastapi import Request
 from PIL import Image, UnidentifiedImageError
 
 from seqops import imaging
@@ -122,6 +121,7 @@ class Service:
             log.error("cannot serve: %s", self.load_error)
 
     def _load(self) -> Predictor:
+        """Load and warm up the predictor the settings name (worker thread)."""
         s = self.settings
         kwargs: dict[str, Any] = {
             "device": s.device,
@@ -206,6 +206,7 @@ class Service:
         return self.predictor.prepare(image, exemplars)
 
     def _decode(self, data: bytes) -> Image.Image:
+        """Encoded bytes -> RGB image, refusing empty, undecodable and oversized ones."""
         if not data:
             raise ServeError(400, "image: the body is empty")
         try:  # the header alone: refuse huge images before decoding any pixel
@@ -219,6 +220,7 @@ class Service:
         return imaging.load_image(data, max_pixels=self.settings.max_pixels)
 
     def _image_from_array(self, array: np.ndarray) -> Image.Image:
+        """A uint8 ``[H, W, 3]`` array -> RGB image, with the same checks as decoding."""
         if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
             raise ServeError(
                 400, f"image: expected uint8 [H, W, 3], got {array.dtype} {list(array.shape)}"
@@ -230,6 +232,7 @@ class Service:
         return Image.fromarray(np.ascontiguousarray(array), "RGB")
 
     def _check_pixels(self, width: int, height: int) -> None:
+        """413 when the image has more pixels than the limit."""
         limit = self.settings.max_pixels
         if width * height > limit:
             raise ServeError(
@@ -273,17 +276,3 @@ def as_serve_error(exc: BaseException) -> ServeError:
     if isinstance(exc, ShuttingDownError):
         return ServeError(503, str(exc), {"Retry-After": "1"})
     return ServeError(500, f"inference failed: {exc}")
-
-
-def require_api_key(request: Request) -> None:
-    """Bearer token check, active when the API key environment variable is set."""
-    expected = request.app.state.service.settings.api_key()
-    if expected is None:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), expected.encode()):
-        raise ServeError(
-            401,
-            "missing or wrong API key (Authorization: Bearer <key>)",
-            {"WWW-Authenticate": "Bearer"},
-        )

@@ -48,6 +48,7 @@ class ServeSettings(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> ServeSettings:
+        """Checks across fields, with messages that say which flags disagree."""
         if self.queue_full_status not in (429, 503):
             raise ValueError(f"queue_full_status: 429 or 503, got {self.queue_full_status}")
         if self.max_objects > self.max_objects_limit:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import time
 
 import numpy as np
@@ -279,11 +280,29 @@ def test_metrics_count_requests_steps_and_batches(client):
 
 
 def test_openapi_documents_every_endpoint(client):
-    paths = client.get("/openapi.json").json()["paths"]
+    schema = client.get("/openapi.json").json()
+    paths = schema["paths"]
     for path in ("/predict", "/predict/stream", "/next", "/v2/models/{model_name}/infer"):
         assert path in paths
     assert "multipart/form-data" in paths["/predict"]["post"]["requestBody"]["content"]
     assert client.get("/docs").status_code == 200
+    # Every reference resolves: inlined pydantic schemas must not point at their own $defs.
+    refs = re.findall(r'"\$ref": "([^"]+)"', json.dumps(schema))
+    assert refs and {r.rpartition("/")[0] for r in refs} == {"#/components/schemas"}
+    assert {r.rpartition("/")[2] for r in refs} <= set(schema["components"]["schemas"])
+    assert "HTTPBearer" in schema["components"]["securitySchemes"]
+
+
+def test_json_routes_declare_the_response_model_that_validates_them(client):
+    """A route without one documents an empty 200 schema. Only the streamed records and the
+    Prometheus text (not JSON) go without one."""
+    without = set()
+    for path, methods in client.get("/openapi.json").json()["paths"].items():
+        for operation in methods.values():
+            ok = operation["responses"]["200"].get("content", {}).get("application/json", {})
+            if not ok.get("schema"):
+                without.add(path)
+    assert without == {"/predict/stream", "/metrics"}
 
 
 # --- the queue, deadlines, step batching ---------------------------------------------------

@@ -140,6 +140,7 @@ def test_kserve_with_tritonclient(server):
     assert 'seqops_requests_total{endpoint="kserve_infer",reason="not_found"} 1.0' in metrics
 
 
+@pytest.mark.slow  # 3000 objects x 6 requests, then a shutdown
 def test_sigterm_finishes_in_flight_requests(model_dir, tmp_path):
     srv = Server(model_dir, tmp_path / "server.log", "--max-objects-limit", "100000")
     try:
@@ -174,6 +175,7 @@ def test_sigterm_finishes_in_flight_requests(model_dir, tmp_path):
         srv.stop()
 
 
+@pytest.mark.slow  # starts two worker processes
 def test_workers_share_the_port_and_the_metrics(model_dir, tmp_path):
     srv = Server(model_dir, tmp_path / "server.log", "--workers", "2")
     try:

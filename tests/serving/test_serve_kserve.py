@@ -134,6 +134,7 @@ def test_kserve_infer_errors(client, change, status, needle):
 # --- a model trained with exemplars ------------------------------------------------------------
 
 
+@pytest.mark.slow  # exports a second model (~6 s of CPU)
 def test_exemplar_model_requires_and_uses_boxes(tmp_path_factory):
     ex_predictor = Predictor.load(serve_model(exemplars=True), threads=1)
     boxes = [[10, 10, 30, 30], [40, 20, 60, 50]]
