@@ -260,48 +260,19 @@ def _register_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from serve.run import run_server  # lazy: fastapi/uvicorn only for this command
+    from serve.run import main as serve_main  # lazy: the service only for this command
 
-    return run_server(args)
+    return serve_main(args.serve_args, prog="seqops serve")
 
 
 def _register_serve(sub: argparse._SubParsersAction) -> None:
+    # The service is an application of its own (serve/): it parses its flags itself, so
+    # the library does not repeat them; `seqops serve --help` shows them.
     p = sub.add_parser(
         "serve",
         help="serve the exported model over HTTP (simple API, KServe v2, metrics)",
-        description="Serve a model directory or an MLflow model (default: "
-        "models:/seqops@champion when a champion exists, else models/onnx) with step-level "
-        "batching: POST /predict, /predict/stream, /next, the KServe v2 endpoints under /v2, "
-        "/healthz, /readyz, /metrics; docs at /docs. SIGTERM: finish in-flight requests, exit.",
+        add_help=False,
     )
-    p.add_argument("--model", help="model directory or MLflow URI (env SEQOPS_MODEL)")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0: all interfaces)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=1, help="server processes")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--threads", type=int, default=0, help="onnxruntime threads; 0: cores/workers")
-    p.add_argument("--max-active", type=int, default=32, help="images looping together")
-    p.add_argument(
-        "--run-batch", type=int, default=0, help="images per onnxruntime run; 0: 4 CPU, 64 CUDA"
-    )
-    p.add_argument(
-        "--no-batching", action="store_true", help="one request at a time (--max-active 1)"
-    )
-    p.add_argument("--max-queue", type=int, default=32, help="waiting requests before 429")
-    p.add_argument("--queue-full-status", type=int, choices=(429, 503), default=429)
-    p.add_argument("--deadline", type=float, default=30.0, help="default request deadline, s")
-    p.add_argument("--max-deadline", type=float, default=300.0, help="largest deadline asked, s")
-    p.add_argument("--max-body-mb", type=float, default=20.0, help="request body limit, MiB")
-    p.add_argument("--max-pixels", type=int, default=40_000_000, help="decoded image limit")
-    p.add_argument("--max-objects", type=int, default=200, help="default loop guard")
-    p.add_argument("--max-objects-limit", type=int, default=1000, help="largest guard asked")
-    p.add_argument(
-        "--api-key-env",
-        default="SEQOPS_API_KEY",
-        help="environment variable holding the bearer token; unset/empty: no key needed",
-    )
-    p.add_argument("--graceful-timeout", type=float, default=60.0, help="shutdown wait, s")
-    p.add_argument("--no-access-log", action="store_true", help="no line per request")
     p.set_defaults(func=cmd_serve)
 
 
@@ -322,7 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "serve":
+        args.serve_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -47,25 +47,69 @@ def resolve_model(given: str | None) -> tuple[str, str | None]:
     raise PredictorError("no model to serve: " + "; ".join(errors))
 
 
+# The flags that set a ServeSettings field of the same meaning: flag -> (field, type, help).
+# Each default is the field's, so the settings stay the one place defaults are written.
+SETTINGS_FLAGS = {
+    "--workers": ("workers", int, "server processes"),
+    "--device": ("device", str, "auto (CUDA only where it really works) | cpu | cuda"),
+    "--threads": ("threads", int, "onnxruntime threads; 0: cores / workers"),
+    "--max-active": ("max_active", int, "images looping together"),
+    "--run-batch": ("run_batch", int, "images per onnxruntime run; 0: 4 CPU, 64 CUDA"),
+    "--max-queue": ("max_queue", int, "waiting requests before 429"),
+    "--queue-full-status": ("queue_full_status", int, "429 or 503, when the queue is full"),
+    "--deadline": ("deadline_s", float, "default request deadline, s"),
+    "--max-deadline": ("max_deadline_s", float, "largest deadline a request may ask, s"),
+    "--max-pixels": ("max_pixels", int, "decoded image limit (width x height)"),
+    "--max-objects": ("max_objects", int, "default loop guard"),
+    "--max-objects-limit": ("max_objects_limit", int, "largest guard a request may ask"),
+    "--api-key-env": (
+        "api_key_env", str,
+        "environment variable holding the bearer token; unset/empty: no key needed",
+    ),
+}  # fmt: skip
+
+
+def build_parser(prog: str = "python -m serve.run") -> argparse.ArgumentParser:
+    """The command line of ``seqops serve``."""
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Serve a model directory or an MLflow model (default: "
+        f"{DEFAULT_MODEL_URI} when a champion exists, else {LOCAL_MODEL_DIR}) with step-level "
+        "batching: POST /predict, /predict/stream, /next, the KServe v2 endpoints under /v2, "
+        "/healthz, /readyz, /metrics; docs at /docs. SIGTERM: finish in-flight requests, exit.",
+    )
+    p.add_argument("--model", help=f"model directory or MLflow URI (env {MODEL_ENV})")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0: all interfaces)")
+    p.add_argument("--port", type=int, default=8000)
+    fields = ServeSettings.model_fields
+    for flag, (field, kind, help_text) in SETTINGS_FLAGS.items():
+        default = fields[field].default
+        p.add_argument(
+            flag, dest=field, type=kind, default=default, help=f"{help_text} ({default})"
+        )
+    max_mb = fields["max_body_bytes"].default / MIB
+    p.add_argument("--max-body-mb", type=float, default=max_mb, help=f"body limit, MiB ({max_mb})")
+    p.add_argument("--no-batching", action="store_true", help="one request at a time")
+    p.add_argument("--graceful-timeout", type=float, default=60.0, help="shutdown wait, s")
+    p.add_argument("--no-access-log", action="store_true", help="no line per request")
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m serve.run") -> int:
+    """Parse the command line and serve (``seqops serve`` calls this with its own name)."""
+    return run_server(build_parser(prog).parse_args(argv))
+
+
 def settings_from_args(args: argparse.Namespace, model_dir: str, version: str | None):
     """The validated :class:`ServeSettings` of the command line."""
+    values = {field: getattr(args, field) for field, _, _ in SETTINGS_FLAGS.values()}
+    if args.no_batching:
+        values["max_active"] = 1
     return ServeSettings(
         model=model_dir,
         model_version=version,
-        device=args.device,
-        threads=args.threads,
-        workers=args.workers,
-        max_active=1 if args.no_batching else args.max_active,
-        run_batch=args.run_batch,
-        max_queue=args.max_queue,
-        queue_full_status=args.queue_full_status,
-        deadline_s=args.deadline,
-        max_deadline_s=args.max_deadline,
         max_body_bytes=int(args.max_body_mb * MIB),
-        max_pixels=args.max_pixels,
-        max_objects=args.max_objects,
-        max_objects_limit=args.max_objects_limit,
-        api_key_env=args.api_key_env,
+        **values,
     )
 
 
@@ -116,3 +160,10 @@ def run_server(args: argparse.Namespace) -> int:
         if own_metrics_dir:
             shutil.rmtree(own_metrics_dir, ignore_errors=True)
     return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    sys.exit(main())
