@@ -12,11 +12,11 @@
 
 from __future__ import annotations
 
-import atexit
+import contextlib
+import hashlib
 import io
 import json
 import os
-import shutil
 import tempfile
 from functools import cache
 from pathlib import Path
@@ -196,9 +196,18 @@ TINY_MODELS = {
 
 @cache
 def _models_root() -> Path:
-    root = Path(tempfile.mkdtemp(prefix="seqops-test-models-"))
-    atexit.register(shutil.rmtree, root, ignore_errors=True)
-    return root
+    """Where the exports are kept between test runs: a folder named by a hash of everything
+    an export depends on (the library's source, params.yaml, this file, the exporter's
+    versions), so a change to any of them exports anew (``SEQOPS_TEST_CACHE`` moves it)."""
+    from importlib.metadata import version
+
+    digest = hashlib.sha256()
+    for path in [*sorted((ROOT / "seqops").rglob("*.py")), ROOT / "params.yaml", Path(__file__)]:
+        digest.update(path.read_bytes())
+    for package in ("torch", "onnx", "onnxscript", "onnxruntime"):
+        digest.update(version(package).encode())
+    base = os.environ.get("SEQOPS_TEST_CACHE") or Path.home() / ".cache" / "seqops-tests"
+    return Path(base) / f"models-{digest.hexdigest()[:16]}"
 
 
 def tiny_spec(exemplars: bool = False, image_size: int = TINY_IMAGE_SIZE):
@@ -231,17 +240,25 @@ def tiny_torch_model(kind: str):
 def exported_model(kind: str) -> tuple[Path, dict]:
     """``(model_dir, model.json content)`` of a 64 px tiny model of ``kind``; read-only.
 
-    Exporting takes seconds, so each kind is exported once per session (into a temporary
-    directory removed at exit).
+    Exporting takes seconds, so each kind is exported once and kept (see
+    :func:`_models_root`); a new export is written beside and renamed into place, so
+    concurrent test runs never see half an export.
     """
     from seqops.export import export_model
 
-    spec = tiny_spec(TINY_MODELS[kind][0])
-    info = export_model(
-        tiny_torch_model(kind), _models_root() / kind, tiny_metadata(kind),
-        shrink_params(f"export.opset={OPSET}").export, extra_info={"model_spec": spec.to_dict()},
-    )  # fmt: skip
-    return _models_root() / kind, info
+    model_dir = _models_root() / kind
+    if not (model_dir / "model.json").is_file():
+        model_dir.parent.mkdir(parents=True, exist_ok=True)
+        spec = tiny_spec(TINY_MODELS[kind][0])
+        with tempfile.TemporaryDirectory(dir=model_dir.parent) as tmp:
+            export_model(
+                tiny_torch_model(kind), Path(tmp) / kind, tiny_metadata(kind),
+                shrink_params(f"export.opset={OPSET}").export,
+                extra_info={"model_spec": spec.to_dict()},
+            )  # fmt: skip
+            with contextlib.suppress(OSError):  # another run renamed its own export first
+                (Path(tmp) / kind).rename(model_dir)
+    return model_dir, json.loads((model_dir / "model.json").read_text())
 
 
 def make_png(width: int = 96, height: int = 64, seed: int = 0) -> bytes:
