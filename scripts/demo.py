@@ -3,7 +3,8 @@
 1. The Prefect pipeline flow (ephemeral Prefect server, MLflow on ./mlflow.db, DVC):
    prepare -> train -> export -> evaluate -> promote.
 2. `seqops serve` on the champion from the MLflow registry, on a loopback port.
-3. A sample test image sent to POST /predict; the count and points printed beside the truth.
+3. A sample test image sent to POST /predict; the count, its confidence and the points
+   printed beside the truth.
 4. Where to look next.
 """
 
@@ -76,8 +77,13 @@ def main() -> int:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
 
-    print(json.dumps({k: answer[k] for k in ("count", "points", "model", "timings_ms")}))
-    print(f"\ncount: {answer['count']} (true: {len(first['points'])})")
+    keys = ("count", "count_confidence", "points", "model", "timings_ms")
+    print(json.dumps({k: answer[k] for k in keys}))
+    calibrated = "" if answer["model"]["confidence_calibrated"] else ", uncalibrated"
+    print(
+        f"\ncount: {answer['count']} (true: {len(first['points'])}), "
+        f"confidence {answer['count_confidence']:.2f} that it is exact{calibrated}"
+    )
     for i, (x, y) in enumerate(answer["points"], 1):
         print(f"  {i:3d}: ({x:7.1f}, {y:7.1f})")
     subprocess.run(

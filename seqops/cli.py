@@ -148,6 +148,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         checkpoint_path=args.checkpoint,
         out_dir=args.out,
         run_path=args.run,
+        data_dir=args.data,
         metrics_path=args.metrics,
         register=not args.no_mlflow,
     )
@@ -160,13 +161,21 @@ def _register_export(sub: argparse._SubParsersAction) -> None:
         "export",
         help="export the best checkpoint to ONNX (the `export` DVC stage)",
         description="Export encoder.onnx + step.onnx + model.json to --out (atomically), after "
-        "onnx.checker and a torch/onnxruntime parity check; log the model into the training "
-        "run with MLflow's ONNX flavour, register it as `seqops` with alias `candidate`.",
+        "onnx.checker and a torch/onnxruntime parity check; calibrate count_confidence on the "
+        "val split of --data; log the model into the training run with MLflow's ONNX "
+        "flavour, register it as `seqops` with alias `candidate`.",
     )
     add_params_arguments(p)
     p.add_argument("--checkpoint", type=Path, default=Path("models/best.pt"))
     p.add_argument("--run", type=Path, default=Path("models/train_run.json"), help="train run")
     p.add_argument("--out", type=Path, default=Path("models/onnx"), help="model directory")
+    # No default: a dataset other than the checkpoint's would calibrate silently wrong.
+    p.add_argument(
+        "--data",
+        type=Path,
+        help="prepared dataset whose val split calibrates count_confidence (dvc.yaml: "
+        "data/prepared); without it, count_confidence is the uncalibrated stop probability",
+    )
     p.add_argument("--metrics", type=Path, default=Path("metrics/export.json"))
     p.add_argument("--no-mlflow", action="store_true", help="do not log/register in MLflow")
     p.set_defaults(func=cmd_export)
@@ -196,8 +205,9 @@ def _register_evaluate(sub: argparse._SubParsersAction) -> None:
         "evaluate",
         help="evaluate the exported model through the ONNX predictor (the `evaluate` stage)",
         description="Count every image of a split with the onnxruntime predictor; write the "
-        "metrics JSON, the plots CSVs (counts, done calibration) and a report with the worst "
-        "images; log test/<metric> into the model's training run.",
+        "metrics JSON, the plots CSVs (counts, done calibration, count-confidence reliability, "
+        "review curve) and a report with the worst images; log test/<metric> into the model's "
+        "training run.",
     )
     add_params_arguments(p)
     p.add_argument("--model", default="models/onnx", help="model directory or models:/ URI")
@@ -233,8 +243,9 @@ def _register_predict(sub: argparse._SubParsersAction) -> None:
         "predict",
         help="count the objects in images (JSON per image on stdout)",
         description="Count the objects in each image with the exported model (onnxruntime, "
-        "no torch): one JSON line per image on stdout (count, points in the image's own "
-        "pixels, per-step done probability, timings); with --out, an annotated PNG per image.",
+        "no torch): one JSON line per image on stdout (count, count_confidence, points in the "
+        "image's own pixels, per-step done probability, timings); with --out, an annotated "
+        "PNG per image.",
     )
     p.add_argument("images", nargs="+", type=Path, help="PNG/JPEG files")
     p.add_argument(

@@ -87,9 +87,11 @@ class ModelConfig(_Section):
     # None (YAML null): the preset's value, resolved in seqops.model.spec_from_params.
     stride: int | None = Field(ge=1)  # feature-grid cell in px (4, 8, 16)
     peak_window: int | None = Field(ge=0)  # soft-argmax window half-width, cells; 0: whole grid
+    mark_sigma: float | None = Field(gt=0)  # a found object's mark radius, grid cells
     # How the step finds the next object in the order (seqops.model.ORDER_PRIORS); "scan"
     # needs a positional prepare.order (not nearest_neighbor).
     order_prior: Literal["none", "scan"]
+    count_head: bool  # a map of the objects left, whose sum the done head sees
 
 
 class LossConfig(_Section):
@@ -99,6 +101,7 @@ class LossConfig(_Section):
     pos_weight: float = Field(gt=0)  # BCE pos_weight for done = 1
     w_heatmap: float = Field(ge=0)  # cross-entropy of the heat map against a Gaussian
     heatmap_sigma: float = Field(gt=0)  # that Gaussian's radius, in feature-grid cells
+    w_count: float = Field(ge=0)  # the count head's map against the unmarked objects' density
 
 
 class AugmentConfig(_Section):
@@ -144,6 +147,8 @@ class EvaluateConfig(_Section):
     done_threshold: float = Field(gt=0, lt=1)
     max_objects: int = Field(ge=1)
     worst_images: int = Field(ge=0)
+    # Flag an image for review when its count_confidence is below this (seqops.confidence).
+    review_threshold: float = Field(ge=0, le=1)
 
 
 class PromoteConfig(_Section):

@@ -10,6 +10,13 @@ A model is a directory::
 Both graphs carry the metadata key ``seqops``: a JSON object with the input size, the grid,
 the mark radius, the normalisation, the coordinate convention (:data:`COORDINATES`), the done
 threshold, the order, the model version and the training run id. The batch axis is dynamic.
+
+The metadata may also hold ``count_calibration`` (:class:`CountCalibration`): the logistic
+model that turns a finished loop's signals into ``count_confidence``, the chance its count is
+exact (``seqops.confidence``). Export fits it on the validation split; a model without it
+(an older export) still loads, and its confidence is then the uncalibrated chance, under the
+model's own done probabilities, that the loop stops exactly where it did
+(``ModelInfo.confidence_calibrated`` is False).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ COORDINATES = (
     " continuous pixel coordinates (pixel i covers [i, i + 1)); the image is stretched to"
     " image_size x image_size"
 )
+CALIBRATION_KEY = "count_calibration"  # the metadata's optional confidence calibration
 MODEL_NAME = "seqops"  # the metadata's name and the registered model's
 MAX_EXEMPLARS = 3  # exemplar boxes a model takes, as in FSC-147
 DEFAULT_MAX_OBJECTS = 200  # the loop's guard when a caller names none
@@ -81,6 +89,40 @@ def parse_metadata(raw: str | None, source: str) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class CountCalibration:
+    """The stored confidence calibration: ``P(exact) = sigmoid(intercept + sum_i coef_i *
+    (x_i - center_i) / scale_i)`` over the named features of ``seqops.confidence``."""
+
+    features: tuple[str, ...]
+    center: tuple[float, ...]
+    scale: tuple[float, ...]
+    coef: tuple[float, ...]
+    intercept: float
+
+    @classmethod
+    def from_metadata(cls, raw: Any, source: str) -> CountCalibration:
+        """Read the ``count_calibration`` object; a malformed one is a ContractError."""
+        where = f"{source}: metadata '{METADATA_KEY}.{CALIBRATION_KEY}'"
+        try:
+            calibration = cls(
+                features=tuple(str(v) for v in raw["features"]),
+                center=tuple(float(v) for v in raw["center"]),
+                scale=tuple(float(v) for v in raw["scale"]),
+                coef=tuple(float(v) for v in raw["coef"]),
+                intercept=float(raw["intercept"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ContractError(f"{where} lacks or mistypes {exc}") from None
+        c = calibration
+        same_length = len({len(c.features), len(c.center), len(c.scale), len(c.coef)}) == 1
+        if not same_length or min(c.scale, default=1.0) <= 0:
+            raise ContractError(
+                f"{where}: features, center, scale and coef need one entry each (scale > 0)"
+            )
+        return calibration
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """What the exported model says about itself (the ``seqops`` metadata)."""
 
@@ -96,10 +138,22 @@ class ModelInfo:
     preset: str
     model_version: str
     run_id: str | None
+    calibration: CountCalibration | None = None  # None: an export without one
+
+    @property
+    def confidence_calibrated(self) -> bool:
+        """True when ``count_confidence`` comes from a fitted calibration."""
+        return self.calibration is not None
 
     @classmethod
     def from_metadata(cls, meta: dict[str, Any], source: str) -> ModelInfo:
         """Read the metadata of a graph from ``source``; a missing key is a ContractError."""
+        raw_calibration = meta.get(CALIBRATION_KEY)
+        calibration = (
+            None
+            if raw_calibration is None
+            else CountCalibration.from_metadata(raw_calibration, source)
+        )
         try:
             return cls(
                 name=str(meta["name"]),
@@ -114,6 +168,7 @@ class ModelInfo:
                 preset=str(meta["preset"]),
                 model_version=str(meta["model_version"]),
                 run_id=meta.get("run_id"),
+                calibration=calibration,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ContractError(f"{source}: metadata '{METADATA_KEY}' lacks {exc}") from None

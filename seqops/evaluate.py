@@ -4,13 +4,18 @@ What is measured is what users get: ``seqops.predictor`` (onnxruntime, encode on
 until done), not the torch model. Outputs:
 
 - the metrics JSON (DVC metrics; the same numbers go to MLflow as ``test/<name>``):
-  counting, localisation, duplicates/misses, done calibration, stop timing, latency;
-- plots (DVC plots): ``counts.csv`` (per image true vs predicted count) and
-  ``calibration.csv`` (the reliability table);
+  counting, localisation, duplicates/misses, done calibration, stop timing, latency, and
+  the count confidence (its calibration error and the review trade-off at
+  ``evaluate.review_threshold``);
+- plots (DVC plots): ``counts.csv`` (per image true vs predicted count),
+  ``calibration.csv`` (the done head's reliability table), ``count_reliability.csv`` (the
+  count confidence's) and ``review_curve.csv`` (flagged share and miscount recall at every
+  review threshold);
 - a report directory: ``per_image.jsonl``, ``calibration.json`` and ``worst/`` pictures of
   the worst images (predicted points numbered in RED, true points in GREEN).
 
-The metric definitions are in :mod:`seqops.scoring`.
+The metric definitions are in :mod:`seqops.scoring`. The export stage also runs a split
+through here: :func:`calibrate_confidence` fits the count confidence on the validation split.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import logging
 import math
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +35,7 @@ import numpy as np
 
 from seqops import imaging
 from seqops import scoring as M
+from seqops.confidence import fit_calibration
 from seqops.config import EvaluateConfig, Params
 from seqops.contract import MAX_EXEMPLARS
 from seqops.data.manifest import Record, manifest_path, read_dataset_info, read_manifest
@@ -39,6 +46,8 @@ log = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 8
 COUNTS_CSV = "counts.csv"
 CALIBRATION_CSV = "calibration.csv"
+COUNT_RELIABILITY_CSV = "count_reliability.csv"
+REVIEW_CURVE_CSV = "review_curve.csv"
 
 
 class EvaluateError(ValueError):
@@ -90,6 +99,8 @@ def evaluate_image(
         "true_count": len(true),
         "pred_count": prediction.count,
         "abs_err": abs(prediction.count - len(true)),
+        "exact": prediction.count == len(true),
+        "count_confidence": prediction.count_confidence,
         "matches": tp,
         "duplicates": match.duplicates,
         "spurious": match.spurious,
@@ -101,6 +112,7 @@ def evaluate_image(
         "t_all": t_all,
         "points": prediction.points_model,
         "done_probs": prediction.done_probs,
+        "confidence_features": prediction.confidence_features,
     }
     return row, match, probs, labels
 
@@ -139,6 +151,11 @@ class Scores:
             return np.zeros(0), np.zeros(0)
         return np.concatenate(self.done_probs), np.concatenate(self.done_labels)
 
+    def confidence(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every image's ``count_confidence`` and whether its count was exact."""
+        confidence = np.asarray([r["count_confidence"] for r in self.rows], np.float64)
+        return confidence, np.asarray([r["exact"] for r in self.rows], bool)
+
 
 def summarise(scores: Scores, settings: EvaluateConfig) -> dict[str, Any]:
     """The stage's metrics from the per-image results (one flat dict: DVC and MLflow);
@@ -156,6 +173,7 @@ def summarise(scores: Scores, settings: EvaluateConfig) -> dict[str, Any]:
     stops = Counter(r["stop"] for r in rows)
     for kind in ("early", "on_time", "late", "guard"):
         out[f"stop_{kind}_rate"] = stops[kind] / len(rows) if rows else math.nan
+    out.update(M.confidence_metrics(*scores.confidence(), settings.review_threshold))
     out["latency_ms_per_image"] = 1e3 * scores.seconds / len(rows) if rows else math.nan
     out["steps_per_image"] = len(probs) / len(rows) if rows else math.nan
     return _json_safe(out)
@@ -222,27 +240,47 @@ def read_split(data_dir: str | Path, name: str) -> Split:
     return Split(Path(data_dir), name, records)
 
 
-def score_split(predictor: Any, split: Split, settings: EvaluateConfig, batch_size: int) -> Scores:
+def predict_split(
+    predictor: Any, split: Split, settings: EvaluateConfig, batch_size: int
+) -> Iterator[tuple[Record, Any]]:
     """Count every image of ``split`` with ``predictor``, ``batch_size`` images per batch
-    (each image still stops on its own), and score each against its record."""
-    scores = Scores()
-    started = time.perf_counter()
+    (each image still stops on its own): ``(record, prediction)`` pairs. Reads
+    ``settings.max_objects`` and ``settings.done_threshold`` only."""
     for i in range(0, len(split.records), batch_size):
         batch = split.records[i : i + batch_size]
         images = [prepare_record(predictor, split.data_dir, r) for r in batch]
         predictions = predictor.predict(
             images, max_objects=settings.max_objects, done_threshold=settings.done_threshold
         )
-        for record, prediction in zip(batch, predictions, strict=True):
-            scores.add(*evaluate_image(record, prediction, settings.match_radius_px))
+        yield from zip(batch, predictions, strict=True)
+
+
+def score_split(predictor: Any, split: Split, settings: EvaluateConfig, batch_size: int) -> Scores:
+    """Count every image of ``split`` and score each against its record."""
+    scores = Scores()
+    started = time.perf_counter()
+    for record, prediction in predict_split(predictor, split, settings, batch_size):
+        scores.add(*evaluate_image(record, prediction, settings.match_radius_px))
     scores.seconds = time.perf_counter() - started
     return scores
 
 
 def write_plots(plots_dir: str | Path, scores: Scores) -> None:
-    """``counts.csv`` (true vs predicted count per image) and ``calibration.csv`` (the
-    reliability table's non-empty bins), replacing ``plots_dir``."""
+    """``counts.csv`` (true vs predicted count per image), ``calibration.csv`` (the done
+    reliability table's non-empty bins), ``count_reliability.csv`` (the count confidence's)
+    and ``review_curve.csv`` (the review trade-off per threshold), replacing ``plots_dir``."""
+    confidence, exact = scores.confidence()
     with atomic_directory(plots_dir) as tmp:
+        _write_csv(
+            tmp / COUNT_RELIABILITY_CSV,
+            [r for r in M.confidence_reliability(confidence, exact) if r["images"]],
+            ["bin_lower", "bin_upper", "images", "mean_confidence", "exact_share"],
+        )
+        _write_csv(
+            tmp / REVIEW_CURVE_CSV,
+            M.review_curve(confidence, exact),
+            ["threshold", "flagged_share", "miscount_recall"],
+        )
         _write_csv(tmp / COUNTS_CSV, scores.rows, ["id", "true_count", "pred_count", "abs_err"])
         _write_csv(
             tmp / CALIBRATION_CSV,
@@ -261,6 +299,47 @@ def write_report(out_dir: str | Path, split: Split, scores: Scores, worst_images
         atomic_write_json(tmp / "calibration.json", reliability(scores))
         worst = _pick_worst(scores.rows, worst_images)
         _draw_worst(split.data_dir, {r.id: r for r in split.records}, worst, tmp / "worst")
+
+
+def calibrate_confidence(
+    model_dir: str | Path,
+    data_dir: str | Path,
+    settings: EvaluateConfig,
+    split: str = "val",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> dict[str, Any] | None:
+    """Fit the count confidence of the model in ``model_dir`` on ``split`` of a prepared
+    dataset: count every image as :func:`run_evaluate` does (on the CPU) and fit
+    :func:`seqops.confidence.fit_calibration` on which counts came out exact. Reads
+    ``settings.max_objects`` and ``settings.done_threshold`` only (no point matching).
+
+    Returns:
+        The calibration to store (its ``fit`` also names the split and how many images did
+        not stop on done and were left out), or None when no image stopped on done.
+    """
+    from seqops.predictor import Predictor
+
+    predictor = Predictor(model_dir, device="cpu", warmup=False)
+    require_image_size(data_dir, predictor.info.image_size, model_dir)
+    data = read_split(data_dir, split)
+    features, exact = [], []
+    for record, prediction in predict_split(predictor, data, settings, batch_size):
+        if prediction.confidence_features:  # the others did not stop on done: confidence 0
+            features.append(prediction.confidence_features)
+            exact.append(prediction.count == record.num_objects)
+    if not features:
+        log.warning(
+            "calibration: no %s image stopped on done; confidence stays uncalibrated", split
+        )
+        return None
+    calibration = fit_calibration(features, exact)
+    calibration["fit"].update(split=split, not_done=len(data.records) - len(features))
+    log.info(
+        "calibration: %d %s images (%.0f%% exact), log loss %.3f",
+        len(features), split, 100 * calibration["fit"]["exact_share"],
+        calibration["fit"]["log_loss"],
+    )  # fmt: skip
+    return calibration
 
 
 def run_evaluate(
@@ -282,7 +361,7 @@ def run_evaluate(
         params: ``evaluate.*`` (radius, done threshold, max objects, worst images).
         model: the exported model directory or ``models:/seqops@candidate``.
         metrics_path: the metrics JSON (``metrics/evaluate.json``).
-        plots_dir: ``counts.csv`` and ``calibration.csv`` go here.
+        plots_dir: the plots CSVs go here (see the module docstring).
         out_dir: the report directory (per-image results, worst pictures).
         track: log metrics (``<split>/<name>``) and the report into the model's training run.
         batch_size: images per predictor batch (each image still stops on its own).
@@ -309,11 +388,18 @@ def run_evaluate(
         artifacts = report_artifacts(plots_dir, out_dir)
         log_evaluation(predictor.info.run_id, metrics, artifacts, prefix=split)
     log.info(
-        "%s: %d images, count MAE %.3f, F1 %s, %.1f ms/image",
+        "%s: %d images, count MAE %.3f, F1 %s, %.1f ms/image; review below %g flags %s, "
+        "catching %s of the miscounts",
         split, len(data.records), metrics["count_mae"], metrics["f1"],
-        metrics["latency_ms_per_image"],
+        metrics["latency_ms_per_image"], params.evaluate.review_threshold,
+        _share(metrics["review_flagged_share"]), _share(metrics["review_miscount_recall"]),
     )  # fmt: skip
     return metrics
+
+
+def _share(value: float | None) -> str:
+    """A share as a percentage for the log (``n/a`` when undefined)."""
+    return "n/a" if value is None else f"{100 * value:.0f}%"
 
 
 def report_artifacts(plots_dir: str | Path | None, out_dir: str | Path | None) -> dict[str, Path]:

@@ -6,6 +6,11 @@ its own still says how to feed it. Each file is self-contained (no external data
 stage fails, leaving nothing behind, when ``onnx.checker`` (full check) or the
 torch/onnxruntime parity check fails.
 
+Calibration: after the checks, the exported graphs count the validation split through the
+predictor; the logistic model that turns a loop's signals into ``count_confidence``
+(``seqops.confidence``) is fitted on which counts came out exact and written into both graphs'
+metadata and ``model.json`` (``count_calibration``), before the directory is renamed into place.
+
 MLflow: the model is logged into the training run with the ONNX flavour (the step graph is
 the flavour's ``model.onnx``; ``encoder.onnx``, ``step.onnx`` and ``model.json`` are its extra
 files, so ``models:/seqops@candidate`` downloads a directory the predictor loads), registered
@@ -19,7 +24,7 @@ import hashlib
 import json
 import logging
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,7 @@ from torch import nn
 from seqops import imaging
 from seqops.config import ExportConfig, Params
 from seqops.contract import (
+    CALIBRATION_KEY,
     COORDINATES,
     ENCODER_FILE,
     INFO_FILE,
@@ -48,6 +54,10 @@ from seqops.parity import PARITY_BATCH, PARITY_MARKS, check_parity
 log = logging.getLogger(__name__)
 
 _TRACE_BATCH = 2
+CALIBRATION_SPLIT = "val"  # fitted on validation images: the test split stays unseen
+
+# A model directory (graphs written and checked) -> its count_calibration, or None.
+Calibrate = Callable[[Path], dict[str, Any] | None]
 
 
 class ExportError(ValueError):
@@ -170,14 +180,27 @@ def export_graph(
             f"{path.name}: export.opset={opset} requested, the exporter produced opset "
             f"{produced} (torch's exporter implements opset >= 18; set export.opset >= 18)"
         )
-    del proto.metadata_props[:]
-    onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+    _set_metadata(proto, metadata)
     proto.doc_string = f"seqops {path.stem}: {', '.join(io.inputs)} -> {', '.join(io.outputs)}"
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"{path.name}: onnx.checker (full check) failed: {exc}") from None
     onnx.save_model(proto, str(path), save_as_external_data=False)
+
+
+def _set_metadata(proto: onnx.ModelProto, metadata: dict[str, Any]) -> None:
+    """Make ``metadata`` the graph's only ``seqops`` metadata."""
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+
+
+def rewrite_metadata(model_dir: Path, metadata: dict[str, Any]) -> None:
+    """Replace the metadata of both graphs in ``model_dir`` (the weights stay as they are)."""
+    for name in (ENCODER_FILE, STEP_FILE):
+        proto = onnx.load(str(model_dir / name))
+        _set_metadata(proto, metadata)
+        onnx.save_model(proto, str(model_dir / name), save_as_external_data=False)
 
 
 def _trace(
@@ -241,6 +264,7 @@ def export_model(
     settings: ExportConfig,
     *,
     extra_info: dict[str, Any] | None = None,
+    calibrate: Calibrate | None = None,
 ) -> dict[str, Any]:
     """Export ``model`` to the model directory ``out_dir``, atomically, after the checks.
 
@@ -251,6 +275,9 @@ def export_model(
     Args:
         settings: ``params.export`` (the opset and the parity tolerance).
         extra_info: more facts for ``model.json`` (the checkpoint, the model spec).
+        calibrate: fits the confidence calibration on the checked directory; its result
+            goes into both graphs' metadata and ``model.json`` as ``count_calibration``
+            (None, or a result of None: the model's confidence stays uncalibrated).
 
     Returns:
         The content of ``model.json``: the metadata, the opset, the parity report
@@ -272,6 +299,10 @@ def export_model(
                 f"{worst_name} (export.parity_tolerance={settings.parity_tolerance}); "
                 f"{out_dir} left unchanged"
             )
+        calibration = calibrate(tmp) if calibrate is not None else None
+        if calibration is not None:
+            metadata = {**metadata, CALIBRATION_KEY: calibration}
+            rewrite_metadata(tmp, metadata)
         info = {**describe_export(tmp, metadata, settings.opset, parity), **(extra_info or {})}
         atomic_write_json(tmp / INFO_FILE, info)
     log.info(
@@ -370,7 +401,35 @@ def summarise_export(info: Mapping[str, Any]) -> dict[str, Any]:
         "model_version": info["model_version"],
         "run_id": info["run_id"],
         "epoch": info["checkpoint"]["epoch"],
+        "calibration": summarise_calibration(info.get(CALIBRATION_KEY)),
     }
+
+
+def summarise_calibration(calibration: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The confidence calibration as the stage's JSON shows it: its fit facts and each
+    feature's weight, centre and scale by name (no lists, so ``dvc metrics show`` reads it)."""
+    if calibration is None:
+        return {"calibrated": False}
+    names = calibration["features"]
+    return {
+        "calibrated": True,
+        **calibration["fit"],
+        "intercept": calibration["intercept"],
+        **{
+            key: dict(zip(names, calibration[key], strict=True))
+            for key in ("coef", "center", "scale")
+        },
+    }
+
+
+def _calibrator(params: Params, data_dir: str | Path) -> Calibrate:
+    """Fits the confidence calibration of an export on the validation split of ``data_dir``."""
+    from seqops.evaluate import calibrate_confidence  # lazy: the evaluation code, for export
+
+    def calibrate(model_dir: Path) -> dict[str, Any] | None:
+        return calibrate_confidence(model_dir, data_dir, params.evaluate, CALIBRATION_SPLIT)
+
+    return calibrate
 
 
 def run_export(
@@ -379,18 +438,22 @@ def run_export(
     out_dir: str | Path,
     *,
     run_path: str | Path | None = None,
+    data_dir: str | Path | None = None,
     metrics_path: str | Path | None = None,
     register: bool = True,
 ) -> dict[str, Any]:
-    """The ``export`` stage: checkpoint -> checked ONNX model dir -> MLflow registry.
+    """The ``export`` stage: checkpoint -> checked, calibrated ONNX model dir -> MLflow.
 
     Args:
-        params: ``export.opset``, ``export.parity_tolerance`` and ``evaluate.done_threshold``
-            are read; the network itself is rebuilt from the checkpoint alone.
+        params: ``export.opset``, ``export.parity_tolerance``, ``evaluate.done_threshold``
+            and, to calibrate, ``evaluate.max_objects`` are read; the network itself is
+            rebuilt from the checkpoint alone.
         checkpoint_path: the best checkpoint (``models/best.pt``).
         out_dir: the model directory (``models/onnx``), replaced atomically.
         run_path: ``train_run.json``; its ``run_id`` (else the checkpoint's) is the training
             run the model is logged into.
+        data_dir: the prepared dataset (``data/prepared``) whose validation split calibrates
+            ``count_confidence``; None exports without a calibration.
         metrics_path: where the stage's JSON goes (``metrics/export.json``).
         register: log to MLflow, register as ``seqops`` and set alias ``candidate``.
 
@@ -413,7 +476,12 @@ def run_export(
         run_id=run_id,
     )
     extra_info = checkpoint_facts(state, model.spec, digest)
-    info = export_model(model, out_dir, metadata, params.export, extra_info=extra_info)
+    calibrate = _calibrator(params, data_dir) if data_dir is not None else None
+    if calibrate is None:
+        log.info("no dataset to calibrate on: count_confidence stays uncalibrated")
+    info = export_model(
+        model, out_dir, metadata, params.export, extra_info=extra_info, calibrate=calibrate
+    )
     result = summarise_export(info)
     if register:
         from seqops.registry import log_model_to_mlflow

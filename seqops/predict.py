@@ -1,9 +1,9 @@
 """``seqops predict``: count the objects in image files with the exported model (no torch).
 
-One JSON line per image on stdout (the image, its count, the points in the image's own
-pixels, per-step done probabilities, timings); with ``out_dir``, an annotated PNG per image
-with the points numbered in the order found. An image that cannot be read gets a JSON line
-with ``error`` and the others are still counted.
+One JSON line per image on stdout (the image, its count and ``count_confidence``, the points
+in the image's own pixels, per-step done probabilities, timings); with ``out_dir``, an
+annotated PNG per image with the points numbered in the order found. An image that cannot
+be read gets a JSON line with ``error`` and the others are still counted.
 """
 
 from __future__ import annotations
@@ -100,6 +100,7 @@ def run_predict(
         for path, prediction in zip(ok_paths, predictions, strict=True):
             result = {"image": str(path), **prediction.to_dict()}
             result["model_version"] = predictor.info.model_version
+            result["confidence_calibrated"] = predictor.info.confidence_calibrated
             if out_dir is not None:
                 result["annotated"] = str(annotate(path, prediction.points, out_dir))
             print(json.dumps(result), file=stream)

@@ -13,14 +13,14 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from seqops import imaging
+from seqops import confidence, imaging
 from seqops.contract import (
     DEFAULT_MAX_OBJECTS,
     ENCODER_FILE,
@@ -64,11 +64,17 @@ class Prediction:
     done_probs: list[float]
     stopped_by: str
     timings_ms: dict[str, float]
+    # How likely ``count`` is exact (seqops.confidence); 0 when the loop did not say done.
+    count_confidence: float = 0.0
+    # The signals it came from (seqops.confidence.FEATURES; empty when the loop did not say
+    # done): what export fits the calibration on and evaluation reports per image.
+    confidence_features: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        """The JSON answer (without the model-pixel points)."""
+        """The JSON answer (without the model-pixel points and the confidence's features)."""
         return {
             "count": self.count,
+            "count_confidence": self.count_confidence,
             "points": self.points,
             "done_probs": self.done_probs,
             "stopped_by": self.stopped_by,
@@ -231,11 +237,15 @@ class Predictor:
             meta["model_version"] = version
         try:
             self.info = ModelInfo.from_metadata(meta, str(model_dir / ENCODER_FILE))
-        except ContractError as exc:
+            confidence.as_calibration(self.info.calibration, str(model_dir / ENCODER_FILE))
+        except ValueError as exc:  # ContractError, or a calibration on unknown features
             raise PredictorError(str(exc)) from None
         self.model_dir = model_dir
         self.provider = self._step.get_providers()[0]
-        log.info("loaded %s (v%s) on %s", model_dir, self.info.model_version, self.provider)
+        log.info(
+            "loaded %s (v%s) on %s%s", model_dir, self.info.model_version, self.provider,
+            "" if self.info.confidence_calibrated else "; count_confidence uncalibrated",
+        )  # fmt: skip
         if warmup:
             self.warm_up()
 
@@ -384,6 +394,8 @@ class Predictor:
         model_px = imaging.norm_to_pixels(np.asarray(rollout.points_norm), size)
         sx, sy = rollout.image.scale
         orig_px = model_px / np.array([sx, sy], np.float32)
+        features = confidence.rollout_features(rollout)
+        count_confidence = confidence.confidence_from_features(features, self.info.calibration)
         return Prediction(
             count=len(rollout.points_norm),
             points=np.round(orig_px.astype(np.float64), 2).tolist(),
@@ -391,6 +403,8 @@ class Predictor:
             done_probs=[round(p, 4) for p in rollout.done_probs],
             stopped_by=rollout.stopped_by or "deadline",
             timings_ms={k: round(v, 3) for k, v in timings_ms.items()},
+            count_confidence=round(count_confidence, 4),
+            confidence_features=features or {},
         )
 
     def warm_up(self) -> None:

@@ -19,7 +19,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from seqops.contract import ENCODER_FILE, METADATA_KEY, MODEL_FILES, MODEL_NAME, STEP_FILE, STEP_IO
+from seqops.contract import (
+    CALIBRATION_KEY,
+    ENCODER_FILE,
+    METADATA_KEY,
+    MODEL_FILES,
+    MODEL_NAME,
+    STEP_FILE,
+    STEP_IO,
+)
 from seqops.tracking import TrackedRun, attach_run, start_run
 
 log = logging.getLogger(__name__)
@@ -167,15 +175,28 @@ def _log_onnx_flavour(mlflow, model_dir: Path, info: Mapping[str, Any], name: st
 
 
 def _log_export_facts(run: TrackedRun, info: Mapping[str, Any]) -> None:
-    """Parity and sizes as ``export/*`` metrics, the opset and the parity verdict as tags."""
+    """Parity, sizes and the confidence calibration's fit as ``export/*`` metrics; the opset,
+    the parity verdict and whether the confidence is calibrated as tags."""
     parity = info["parity"]
     export_metrics = {
         "export/parity_max_abs_diff": parity["max_abs_diff"],
         "export/encoder_bytes": info["files"][ENCODER_FILE]["bytes"],
         "export/step_bytes": info["files"][STEP_FILE]["bytes"],
     }
+    calibration = info.get(CALIBRATION_KEY)
+    if calibration is not None:
+        fit = calibration["fit"]
+        export_metrics["export/calibration_images"] = fit["images"]
+        export_metrics["export/calibration_exact_share"] = fit["exact_share"]
+        export_metrics["export/calibration_log_loss"] = fit["log_loss"]
     run.log_metrics(export_metrics, step=0)
-    run.set_tags({"export.opset": info["opset"], "export.parity_passed": parity["passed"]})
+    run.set_tags(
+        {
+            "export.opset": info["opset"],
+            "export.parity_passed": parity["passed"],
+            "export.confidence_calibrated": calibration is not None,
+        }
+    )
 
 
 def _version_tags(run_id: str, info: Mapping[str, Any]) -> dict[str, str]:
@@ -187,6 +208,7 @@ def _version_tags(run_id: str, info: Mapping[str, Any]) -> dict[str, str]:
         "preset": info["preset"],
         "image_size": info["image_size"],
         "exemplars": info["exemplars"],
+        "confidence_calibrated": info.get(CALIBRATION_KEY) is not None,
     }
     return {key: str(value) for key, value in tags.items()}
 

@@ -13,6 +13,11 @@ Definitions:
   was matched to another prediction (it cannot be unmatched, or the matching would not be
   maximal), so this prediction counts an object twice. A *spurious* prediction is unmatched
   and near no true object. A *miss* is an unmatched true object.
+- Count confidence: an image's ``count_confidence`` is scored against whether its count was
+  exact: a reliability table over confidence bins, its expected calibration error, and the
+  review trade-off. Flagging the images whose confidence is below a threshold for a person
+  to check flags a share of all images and catches a share of the miscounted ones (the
+  recall); the curve gives both at every threshold that changes them.
 - Done calibration: step ``t`` of a rollout (``t = 0, 1, ...``) runs with the first ``t``
   predictions marked. Its observed label is 1 when those ``t`` predictions already find
   every true object (a matching of them to the true points within the radius covers all
@@ -210,9 +215,7 @@ def reliability_table(
     labels = np.asarray(labels, np.float64)
     if probs.shape != labels.shape:
         raise ValueError(f"calibration: {probs.shape} probabilities vs {labels.shape} labels")
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    # Bin i holds [edge_i, edge_i+1); the last bin also holds 1.0.
-    index = np.clip(np.searchsorted(edges, probs, side="right") - 1, 0, bins - 1)
+    edges, index = _bin(probs, bins)
     table = []
     for i in range(bins):
         inside = index == i
@@ -240,17 +243,8 @@ def calibration_metrics(
     labels = np.asarray(labels, np.float64)
     table = reliability_table(probs, labels, bins)
     total = len(probs)
-    ece = (
-        sum(
-            row["steps"] / total * abs(row["mean_done_prob"] - row["observed_done_rate"])
-            for row in table
-            if row["steps"]
-        )
-        if total
-        else math.nan
-    )
     return {
-        "done_ece": float(ece),
+        "done_ece": _ece(table, "steps", "mean_done_prob", "observed_done_rate"),
         "done_brier": _mean((probs - labels) ** 2),
         **done_scores(probs, labels, threshold),
         "done_steps": int(total),
@@ -285,6 +279,102 @@ def stop_timing(num_steps: int, stopped_by: str, t_all: int | None) -> str:
     if t_all is None or stop_step < t_all:
         return "early"
     return "on_time" if stop_step == t_all else "late"
+
+
+def confidence_reliability(
+    confidence: Sequence[float], exact: Sequence[bool], bins: int = CALIBRATION_BINS
+) -> list[dict[str, float]]:
+    """Per equal-width bin of ``count_confidence``: the images in it, their mean confidence
+    and the share of them counted exactly (NaN for an empty bin)."""
+    confidence = np.asarray(confidence, np.float64)
+    exact = np.asarray(exact, np.float64)
+    if confidence.shape != exact.shape:
+        raise ValueError(f"confidence: {confidence.shape} values vs {exact.shape} labels")
+    edges, index = _bin(confidence, bins)
+    return [
+        {
+            "bin_lower": float(edges[i]),
+            "bin_upper": float(edges[i + 1]),
+            "images": int((index == i).sum()),
+            "mean_confidence": _mean(confidence[index == i]),
+            "exact_share": _mean(exact[index == i]),
+        }
+        for i in range(bins)
+    ]
+
+
+def review_trade_off(
+    confidence: Sequence[float], exact: Sequence[bool], threshold: float
+) -> tuple[float, float]:
+    """``(flagged share, miscount recall)`` of flagging the images whose confidence is below
+    ``threshold``: the share of all images flagged, and of the miscounted ones (NaN when
+    none is miscounted)."""
+    flagged = np.asarray(confidence, np.float64) < threshold
+    wrong = ~np.asarray(exact, bool)
+    recall = float((flagged & wrong).sum() / wrong.sum()) if wrong.any() else math.nan
+    return _mean(flagged), recall
+
+
+def review_curve(confidence: Sequence[float], exact: Sequence[bool]) -> list[dict[str, float]]:
+    """The review trade-off at 0, 1 and every confidence seen (each threshold that changes
+    which images are flagged), ascending: ``threshold``, ``flagged_share``,
+    ``miscount_recall``."""
+    thresholds = np.unique(np.concatenate([np.asarray(confidence, np.float64), [0.0, 1.0]]))
+    rows = []
+    for threshold in thresholds:
+        flagged, recall = review_trade_off(confidence, exact, threshold)
+        rows.append(
+            {"threshold": float(threshold), "flagged_share": flagged, "miscount_recall": recall}
+        )
+    return rows
+
+
+def confidence_metrics(
+    confidence: Sequence[float],
+    exact: Sequence[bool],
+    review_threshold: float,
+    target_recall: float = 0.8,
+) -> dict[str, float]:
+    """The headline figures of ``count_confidence``: its expected calibration error, the
+    review trade-off at ``review_threshold``, and the least flagged share that catches
+    ``target_recall`` of the miscounted images at any threshold (NaN when none is
+    miscounted or no threshold does)."""
+    table = confidence_reliability(confidence, exact)
+    flagged, recall = review_trade_off(confidence, exact, review_threshold)
+    reaching = [
+        row["flagged_share"]
+        for row in review_curve(confidence, exact)
+        if row["miscount_recall"] >= target_recall  # NaN compares False
+    ]
+    return {
+        "count_confidence_ece": _ece(table, "images", "mean_confidence", "exact_share"),
+        "review_flagged_share": flagged,
+        "review_miscount_recall": recall,
+        f"review_flagged_share_at_recall_{round(100 * target_recall)}": (
+            min(reaching) if reaching else math.nan
+        ),
+    }
+
+
+def _bin(values: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Equal-width bin edges over ``[0, 1]`` and each value's bin: bin i holds
+    ``[edge_i, edge_i+1)``, the last also 1.0."""
+    # i / bins, not linspace (whose 0.6 is 0.6000000000000001 and would put a value of
+    # exactly 0.6 in the bin below); floor(v * bins) puts each edge of 10 bins in its own.
+    edges = np.arange(bins + 1) / bins
+    index = np.floor(np.asarray(values, np.float64) * bins).astype(np.int64)
+    return edges, np.clip(index, 0, bins - 1)
+
+
+def _ece(table: list[dict[str, float]], count: str, predicted: str, observed: str) -> float:
+    """Expected calibration error of a reliability table: the bin-weighted mean of
+    ``|predicted - observed|`` (NaN for an empty table)."""
+    total = sum(row[count] for row in table)
+    if not total:
+        return math.nan
+    return float(
+        sum(row[count] / total * abs(row[predicted] - row[observed]) for row in table if row[count])
+    )
 
 
 def _mean(values: np.ndarray) -> float:

@@ -5,8 +5,9 @@ Inputs: ``image`` as ``UINT8 [H, W, 3]`` (``[1, H, W, 3]`` also taken) or an enc
 PNG/JPEG as ``BYTES [1]`` (base64 in JSON, raw in binary form), optionally ``exemplars``
 ``[K, 4]`` boxes. Tensor data comes as JSON or, as ``tritonclient`` sends it by default, as
 binary after the JSON header (Triton's binary tensor extension,
-``Inference-Header-Content-Length``). Outputs ``count`` ``INT32 [1]`` and ``points``
-``FP32 [N, 2]``, always as JSON (which ``tritonclient`` reads too). Loop settings go in the
+``Inference-Header-Content-Length``). Outputs ``count`` ``INT32 [1]``, ``points``
+``FP32 [N, 2]`` and ``count_confidence`` ``FP32 [1]`` (how likely the count is exact), always
+as JSON (which ``tritonclient`` reads too). Loop settings go in the
 request ``parameters``; errors are ``{"error": "..."}``.
 """
 
@@ -39,7 +40,12 @@ from serve.schemas import (
 )
 from serve.service import ServeError, Service
 
-OUTPUTS = {"count": ("INT32", [1]), "points": ("FP32", [-1, 2])}
+# count_confidence last: clients that read the outputs by position still find count, points.
+OUTPUTS = {
+    "count": ("INT32", [1]),
+    "points": ("FP32", [-1, 2]),
+    "count_confidence": ("FP32", [1]),
+}
 # Request parameters tritonclient may send that do not concern this model.
 _TRITON_PARAMETERS = {"binary_data_output", "priority", "sequence_id", "sequence_start",
                       "sequence_end"}  # fmt: skip
@@ -209,6 +215,12 @@ def _infer_response(service: Service, req: InferRequest, prediction: Prediction,
     points = np.asarray(prediction.points, np.float32).reshape(-1, 2)
     tensors = {
         "count": {"name": "count", "datatype": "INT32", "shape": [1], "data": [prediction.count]},
+        "count_confidence": {
+            "name": "count_confidence",
+            "datatype": "FP32",
+            "shape": [1],
+            "data": [prediction.count_confidence],
+        },
         "points": {
             "name": "points",
             "datatype": "FP32",
@@ -223,6 +235,7 @@ def _infer_response(service: Service, req: InferRequest, prediction: Prediction,
             "stopped_by": prediction.stopped_by,
             "done_prob": prediction.done_probs[-1] if prediction.done_probs else None,
             "provider": service.predictor.provider,
+            "confidence_calibrated": service.predictor.info.confidence_calibrated,
             "total_ms": round(1e3 * (time.perf_counter() - t0), 3),
         },
         "outputs": [tensors[name] for name in wanted],

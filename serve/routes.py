@@ -212,7 +212,9 @@ async def predict_stream(
     openapi_extra=image_body_doc(NextJSON),
 )
 async def next_point(request: Request, service: ServiceDep, query: NextQuery) -> dict:
-    """Lets a person correct points and let the model continue from them."""
+    """Lets a person correct points and let the model continue from them. No
+    count_confidence here: it reads the loop's own done probabilities from the first step,
+    which a count continued from given (perhaps corrected) points does not have."""
     t0 = time.perf_counter()
     service.check_ready()
     data, fields = await read_image_request(request, NextJSON)
@@ -298,6 +300,7 @@ async def _stream_records(service: Service, job: Job, t0: float, sse: bool) -> A
             return
         done = StreamDone(
             count=prediction.count,
+            count_confidence=prediction.count_confidence,
             done_prob=prediction.done_probs[-1] if prediction.done_probs else None,
             stopped_by=prediction.stopped_by,
             model=service.model_ref(),

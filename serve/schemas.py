@@ -80,12 +80,26 @@ class ModelRef(BaseModel):
     name: str
     version: str
     provider: str = Field(description="onnxruntime execution provider")
+    confidence_calibrated: bool = Field(
+        description="count_confidence comes from a calibration fitted at export; false for an"
+        " export without one (the confidence is then the model's own, uncalibrated chance"
+        " that the loop stops where it did)"
+    )
+
+
+_COUNT_CONFIDENCE = Field(
+    ge=0,
+    le=1,
+    description="how likely the count is exact, from the loop's own signals (calibrated on"
+    " validation images at export); 0 when the loop stopped without saying done",
+)
 
 
 class PredictResponse(BaseModel):
     """The count of one image."""
 
     count: int
+    count_confidence: float = _COUNT_CONFIDENCE
     points: list[list[float]] = Field(description="[[x, y], ...] in original image pixels")
     done_probs: list[float] = Field(description="done probability at each step")
     stopped_by: Literal["done", "max_objects", "deadline"]
@@ -120,6 +134,7 @@ class StreamDone(BaseModel):
 
     event: Literal["done"] = "done"
     count: int
+    count_confidence: float = _COUNT_CONFIDENCE
     done_prob: float | None
     stopped_by: str
     model: ModelRef

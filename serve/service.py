@@ -147,12 +147,13 @@ class Service:
         """The served model's version ("local" for an unversioned directory)."""
         return (self.predictor.info.model_version if self.predictor else "") or "local"
 
-    def model_ref(self) -> dict[str, str]:
-        """``{"name", "version", "provider"}`` for every response."""
+    def model_ref(self) -> dict[str, Any]:
+        """``{"name", "version", "provider", "confidence_calibrated"}`` for every response."""
         return {
             "name": self.predictor.info.name,
             "version": self.version,
             "provider": self.predictor.provider,
+            "confidence_calibrated": self.predictor.info.confidence_calibrated,
         }
 
     # -- admission and decoding --------------------------------------------------------

@@ -14,8 +14,10 @@ from conftest import ROOT, exported_model, make_tiny_dataset, shrink_params
 from PIL import Image
 
 from seqops.cli import main
+from seqops.confidence import EPS, confidence_from_features
+from seqops.contract import CountCalibration
 from seqops.data.manifest import Record, manifest_path, read_manifest
-from seqops.evaluate import EvaluateError, evaluate_image, run_evaluate
+from seqops.evaluate import EvaluateError, calibrate_confidence, evaluate_image, run_evaluate
 from seqops.predictor import Prediction
 
 
@@ -87,6 +89,61 @@ def test_a_model_that_stops_at_once_scores_as_expected(dataset: Path, tmp_path: 
     most = {r["id"] for r in per_image if r["true_count"] == counts.max()}
     assert worst[0].removeprefix("01_").removesuffix(".png") in most
     assert json.loads((out / "calibration.json").read_text())[9]["steps"] == 7
+
+
+def read_csv(path: Path) -> list[dict[str, float]]:
+    with open(path) as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def test_count_confidence_figures_agree_with_a_hand_computation(dataset: Path, tmp_path: Path):
+    """The "done" model says done at once with probability ~1 on every image: each count is
+    0 with the uncalibrated confidence 1 - EPS (the export has no calibration), and only the
+    blank image is exact."""
+    params = shrink_params("evaluate.review_threshold=0.9", "evaluate.worst_images=0")
+    metrics = run_evaluate(
+        params, exported_model("done")[0], dataset, plots_dir=tmp_path / "plots",
+        out_dir=tmp_path / "out", track=False, device="cpu",
+    )  # fmt: skip
+    conf = 1 - EPS
+    per_image = [json.loads(line) for line in (tmp_path / "out/per_image.jsonl").open()]
+    assert {r["count_confidence"] for r in per_image} == {conf}
+    assert [r["exact"] for r in per_image] == [False] * 6 + [True]
+    assert metrics["count_confidence_ece"] == pytest.approx(conf - 1 / 7)
+    # Nothing is below 0.9: nothing flagged, no miscount caught.
+    assert (metrics["review_flagged_share"], metrics["review_miscount_recall"]) == (0.0, 0.0)
+    # Only a threshold above every confidence (1.0) catches 80%: it flags every image.
+    assert metrics["review_flagged_share_at_recall_80"] == 1.0
+    assert read_csv(tmp_path / "plots/count_reliability.csv") == [
+        {"bin_lower": 0.9, "bin_upper": 1.0, "images": 7, "mean_confidence": pytest.approx(conf),
+         "exact_share": pytest.approx(1 / 7)},
+    ]  # fmt: skip
+    assert read_csv(tmp_path / "plots/review_curve.csv") == [
+        {"threshold": 0.0, "flagged_share": 0.0, "miscount_recall": 0.0},
+        {"threshold": conf, "flagged_share": 0.0, "miscount_recall": 0.0},
+        {"threshold": 1.0, "flagged_share": 1.0, "miscount_recall": 1.0},
+    ]
+
+
+def test_calibration_is_fitted_on_the_counts_of_a_split(tiny_dataset: Path):
+    settings = shrink_params().evaluate
+    # Done at once on 4 val images with 1-4 discs each: every count (0) is wrong.
+    calibration = calibrate_confidence(exported_model("done")[0], tiny_dataset, settings)
+    fit = calibration["fit"]
+    assert (fit["split"], fit["images"], fit["exact_share"], fit["not_done"]) == ("val", 4, 0, 0)
+    stored = CountCalibration.from_metadata(json.loads(json.dumps(calibration)), "test")
+    features = dict(zip(stored.features, stored.center, strict=True))  # every image's
+    # Platt's smoothed target for 4 miscounted images and no exact one: 1 / (4 + 2).
+    assert confidence_from_features(features, stored) == pytest.approx(1 / 6, abs=0.01)
+    # A model that never says done leaves nothing to fit: no calibration.
+    assert calibrate_confidence(exported_model("never")[0], tiny_dataset, settings) is None
+
+
+def test_a_loop_stopped_by_the_guard_is_flagged(dataset: Path):
+    params = shrink_params("evaluate.max_objects=3", "evaluate.worst_images=0")
+    metrics = run_evaluate(params, exported_model("never")[0], dataset, track=False, device="cpu")
+    # Confidence 0 everywhere: every image flagged, so every miscount is caught.
+    assert metrics["review_flagged_share"] == 1.0 and metrics["review_miscount_recall"] == 1.0
 
 
 def test_the_loop_guard_is_reported(dataset: Path):

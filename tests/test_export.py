@@ -14,6 +14,7 @@ from conftest import (
     ROOT,
     TINY_MODELS,
     exported_model,
+    make_tiny_dataset,
     shrink_params,
     tiny_metadata,
     tiny_spec,
@@ -33,6 +34,11 @@ CONTRACT_KEYS = {
     "format", "name", "image_size", "grid", "mark_sigma", "exemplars", "mean", "std",
     "coordinates", "done_threshold", "order", "row_height", "preset", "model_version", "run_id",
 }  # fmt: skip
+
+
+def graph_metadata(path: Path) -> dict:
+    """The ``seqops`` metadata of the ONNX file at ``path``."""
+    return json.loads({p.key: p.value for p in onnx.load(path).metadata_props}["seqops"])
 
 
 def graph_io(model: onnx.ModelProto, which: str) -> dict[str, list]:
@@ -148,9 +154,11 @@ def test_opset_below_18_is_a_config_error():
         shrink_params("export.opset=17")
 
 
-def write_checkpoint(tmp_path: Path, params, run_id: str | None = None) -> Path:
+def write_checkpoint(
+    tmp_path: Path, params, run_id: str | None = None, done_bias: float | None = None
+) -> Path:
     spec = tiny_spec()
-    model = make_untrained_model(spec, seed=3)
+    model = make_untrained_model(spec, seed=3, done_bias=done_bias)
     path = tmp_path / "models" / "best.pt"
     save_checkpoint(
         path,
@@ -170,14 +178,16 @@ def write_checkpoint(tmp_path: Path, params, run_id: str | None = None) -> Path:
 def test_export_stage_from_a_checkpoint_through_the_cli(tmp_path, capsys):
     params = shrink_params("prepare.order=left_to_right", "evaluate.done_threshold=0.6")
     params_path = ROOT / "params.yaml"  # every key is required: the real file, overridden
-    checkpoint = write_checkpoint(tmp_path, params)
+    # Says done at once: on the 4 val images (1-4 discs each) every count, 0, is wrong.
+    checkpoint = write_checkpoint(tmp_path, params, done_bias=20.0)
+    data = make_tiny_dataset(tmp_path / "prepared")
     run_path = tmp_path / "models" / "train_run.json"
     run_path.write_text(json.dumps({"run_id": "abc123", "best_epoch": 4}))
     out, metrics = tmp_path / "models" / "onnx", tmp_path / "metrics" / "export.json"
     code = main(
         [
             "export", "--params", str(params_path), "--set", "evaluate.done_threshold=0.6",
-            "--checkpoint", str(checkpoint),
+            "--checkpoint", str(checkpoint), "--data", str(data),
             "--run", str(run_path), "--out", str(out), "--metrics", str(metrics), "--no-mlflow",
         ]
     )  # fmt: skip
@@ -199,6 +209,25 @@ def test_export_stage_from_a_checkpoint_through_the_cli(tmp_path, capsys):
     predictor = Predictor(out, device="cpu", threads=1)
     assert predictor.info.run_id == "abc123"
     assert predictor.info.done_threshold == 0.6
+    # The calibration: the same in both graphs and model.json, read by the predictor.
+    calibration = info["count_calibration"]
+    assert [graph_metadata(out / name)["count_calibration"] for name in (ENCODER_FILE, STEP_FILE)
+            ] == [calibration, calibration]  # fmt: skip
+    assert calibration["fit"] == {
+        "images": 4, "exact_share": 0.0, "split": "val", "not_done": 0, "l2": 1.0,
+        "log_loss": pytest.approx(calibration["fit"]["log_loss"]),
+    }  # fmt: skip
+    assert predictor.info.confidence_calibrated
+    assert predictor.info.calibration.coef == tuple(calibration["coef"])
+    image = data / "images" / "val" / "val_0000.png"
+    # Platt's smoothed target with 4 miscounted images and no exact one: 1 / (4 + 2).
+    assert predictor.predict([image])[0].count_confidence == pytest.approx(1 / 6, abs=0.01)
+    assert result["calibration"]["calibrated"] and result["calibration"]["images"] == 4
+    assert result["calibration"]["coef"] == dict(
+        zip(calibration["features"], calibration["coef"], strict=True)
+    )
+    # The file hashes in model.json are those of the graphs with the calibration.
+    assert info["files"]["step.onnx"]["sha256"] == E._sha256(out / "step.onnx")
 
 
 def test_export_of_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
@@ -258,6 +287,9 @@ def test_export_registers_the_model_in_the_training_run(tmp_path, mlflow_uri, mo
     version = client.get_model_version_by_alias("seqops", "candidate")
     assert str(version.version) == result["registered_version"]
     assert version.run_id == training.run_id
+    # Exported without --data: no calibration, and both the version and the JSON say so.
+    assert version.tags["confidence_calibrated"] == "False"
+    assert result["calibration"] == {"calibrated": False}
     assert json.loads((tmp_path / "export.json").read_text())["registered_version"] == str(
         version.version
     )

@@ -13,6 +13,7 @@ from conftest import exported_model
 from PIL import Image
 
 from seqops.cli import main
+from seqops.confidence import EPS
 from seqops.predict import parse_exemplars
 
 
@@ -39,6 +40,7 @@ def test_predict_prints_one_json_line_per_image_and_draws_them(tmp_path: Path, c
     for name, (width, height) in (("square.png", (64, 64)), ("wide.jpg", (200, 50))):
         result = by_image[name]
         assert result["count"] == 4 and result["stopped_by"] == "max_objects"
+        assert result["count_confidence"] == 0.0  # the guard stopped it: never trusted
         assert len(result["points"]) == 4 and len(result["done_probs"]) == 4
         assert all(0 <= x <= width and 0 <= y <= height for x, y in result["points"])
         picture = Image.open(result["annotated"])
@@ -55,6 +57,9 @@ def test_predict_counts_an_image_with_nothing_in_it(tmp_path: Path, capsys):
     assert main(["predict", str(blank), "--model", str(exported_model("done")[0])]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["count"] == 0 and result["points"] == [] and result["stopped_by"] == "done"
+    # Done at once with probability ~1; a test export has no calibration.
+    assert result["count_confidence"] == pytest.approx(1 - EPS)
+    assert result["confidence_calibrated"] is False
 
 
 def test_parse_exemplars(tmp_path: Path):

@@ -16,7 +16,7 @@ import torch
 from conftest import TINY_IMAGE_SIZE, exported_model, tiny_metadata, tiny_torch_model
 from PIL import Image
 
-from seqops import imaging
+from seqops import confidence, imaging
 from seqops.predictor import Predictor, PredictorError, cuda_usable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,6 +231,58 @@ def test_graphs_of_two_exports_are_refused(tmp_path: Path):
     onnx.save(step, mixed / "step.onnx")
     with pytest.raises(PredictorError, match="different metadata"):
         Predictor(mixed, device="cpu")
+
+
+def stop_log_prob(done_probs: list[float]) -> float:
+    """log P(the loop stops exactly where it did), by hand."""
+    *before, final = done_probs
+    return float(np.log1p(-np.asarray(before)).sum() + np.log(final))
+
+
+def test_count_confidence_without_a_calibration_is_the_stop_probability(plain: Predictor):
+    assert plain.info.calibration is None and not plain.info.confidence_calibrated
+    # This random head's done rises above 0.3 after a few steps, and never above 0.5.
+    stopped = plain.predict([random_image(0)], max_objects=12, done_threshold=0.3)[0]
+    guarded = plain.predict([random_image(0)], max_objects=12)[0]
+    assert stopped.stopped_by == "done" and 0 < stopped.count < 12
+    want = np.exp(stop_log_prob(stopped.done_probs))
+    assert stopped.count_confidence == pytest.approx(want, abs=1e-3)
+    assert stopped.to_dict()["count_confidence"] == stopped.count_confidence
+    assert set(stopped.confidence_features) == set(confidence.FEATURES)
+    assert guarded.stopped_by == "max_objects" and guarded.count_confidence == 0.0
+
+
+def calibrated_copy(model_dir: Path, calibration: dict, dest: Path) -> Path:
+    """A copy of an export whose two graphs carry ``calibration`` in their metadata."""
+    from seqops.export import rewrite_metadata
+    from seqops.predictor import read_metadata
+
+    shutil.copytree(model_dir, dest)
+    meta = read_metadata(dest / "encoder.onnx")
+    rewrite_metadata(dest, {**meta, "count_calibration": calibration})
+    return dest
+
+
+def test_the_predictor_applies_the_calibration_its_graphs_carry(tmp_path: Path):
+    calibration = {
+        "features": ["stop_log_prob", "log_count"],
+        "center": [-1.0, 0.0],
+        "scale": [2.0, 1.0],
+        "coef": [1.5, -0.5],
+        "intercept": 0.3,
+        "fit": {"images": 10, "exact_share": 0.5},
+    }
+    model_dir = calibrated_copy(exported_model("plain")[0], calibration, tmp_path / "m")
+    predictor = Predictor(model_dir, device="cpu", threads=1)
+    assert predictor.info.confidence_calibrated
+    assert predictor.info.calibration.coef == (1.5, -0.5)
+    pred = predictor.predict([random_image(0)], max_objects=12, done_threshold=0.3)[0]
+    z = 0.3 + 1.5 * (stop_log_prob(pred.done_probs) + 1.0) / 2.0 - 0.5 * np.log1p(pred.count)
+    assert pred.count_confidence == pytest.approx(1 / (1 + np.exp(-z)), abs=1e-3)
+    # A calibration on a feature this code does not compute is refused at load.
+    unknown = {**calibration, "features": ["stop_log_prob", "objects_left"]}
+    with pytest.raises(PredictorError, match="objects_left"):
+        Predictor(calibrated_copy(model_dir, unknown, tmp_path / "u"), device="cpu")
 
 
 def test_load_refuses_a_directory_without_graphs(tmp_path: Path):

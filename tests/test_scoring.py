@@ -171,3 +171,51 @@ def test_stop_timing():
     assert M.stop_timing(6, "done", 3) == "late"
     assert M.stop_timing(5, "done", None) == "early"
     assert M.stop_timing(200, "max_objects", None) == "guard"
+
+
+# Five images: their count confidence and whether the count was exact (two miscounted).
+CONFIDENCE = [0.1, 0.4, 0.6, 0.95, 0.99]
+EXACT = [False, True, False, True, True]
+
+
+def test_confidence_reliability_by_hand():
+    table = M.confidence_reliability(CONFIDENCE, EXACT)
+    filled = [(r["bin_lower"], r["images"], r["mean_confidence"], r["exact_share"])
+              for r in table if r["images"]]  # fmt: skip
+    assert filled == [
+        (0.1, 1, 0.1, 0.0),
+        (pytest.approx(0.4), 1, 0.4, 1.0),
+        (0.6, 1, 0.6, 0.0),
+        (0.9, 2, pytest.approx(0.97), 1.0),
+    ]
+    assert sum(r["images"] for r in table) == 5 and len(table) == 10
+
+
+def test_review_trade_off_and_curve_by_hand():
+    # Below 0.5: 0.1 (miscounted) and 0.4 (exact) are flagged: 2 of 5, 1 of 2 miscounts.
+    assert M.review_trade_off(CONFIDENCE, EXACT, 0.5) == (0.4, 0.5)
+    curve = M.review_curve(CONFIDENCE, EXACT)
+    assert [(r["threshold"], r["flagged_share"], r["miscount_recall"]) for r in curve] == [
+        (0.0, 0.0, 0.0),
+        (0.1, 0.0, 0.0),  # flagged means strictly below the threshold
+        (0.4, 0.2, 0.5),
+        (0.6, 0.4, 0.5),
+        (0.95, 0.6, 1.0),
+        (0.99, 0.8, 1.0),
+        (1.0, 1.0, 1.0),
+    ]
+    flagged, recall = M.review_trade_off([0.3, 0.9], [True, True], 0.5)
+    assert flagged == 0.5 and math.isnan(recall)  # nothing miscounted: recall undefined
+
+
+def test_confidence_metrics_by_hand():
+    metrics = M.confidence_metrics(CONFIDENCE, EXACT, review_threshold=0.5)
+    # ECE: 1/5 |0.1 - 0| + 1/5 |0.4 - 1| + 1/5 |0.6 - 0| + 2/5 |0.97 - 1|
+    assert metrics["count_confidence_ece"] == pytest.approx(0.02 + 0.12 + 0.12 + 0.012)
+    assert (metrics["review_flagged_share"], metrics["review_miscount_recall"]) == (0.4, 0.5)
+    # 80% of the miscounts are first caught below 0.95, flagging 3 of 5 images.
+    assert metrics["review_flagged_share_at_recall_80"] == 0.6
+    none_wrong = M.confidence_metrics([0.5, 0.9], [True, True], review_threshold=0.6)
+    assert math.isnan(none_wrong["review_miscount_recall"])
+    assert math.isnan(none_wrong["review_flagged_share_at_recall_80"])
+    assert math.isnan(M.confidence_metrics([], [], 0.5)["count_confidence_ece"])

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import math
 import re
+import shutil
 import time
 
 import numpy as np
@@ -66,10 +68,12 @@ def test_predict_raw_multipart_and_json_give_the_predictors_answer(client, predi
         assert body["stopped_by"] == "max_objects"
         assert np.allclose(body["points"], want.points, atol=0.02)
         assert body["done_probs"] == pytest.approx(want.done_probs, abs=1e-4)
+        assert body["count_confidence"] == want.count_confidence == 0.0  # stopped by the guard
         assert body["model"] == {
             "name": "seqops",
             "version": MODEL_VERSION,
             "provider": "CPUExecutionProvider",
+            "confidence_calibrated": False,
         }
         assert {"prepare", "queue", "encode", "steps", "total"} <= set(body["timings_ms"])
     # Points are in the original 96x64 image's pixels, not the model's 64x64.
@@ -173,6 +177,7 @@ def test_stream_sends_points_then_the_final_record(client):
     assert np.allclose([[r["x"], r["y"]] for r in records[:4]], plain["points"], atol=0.02)
     assert [r["index"] for r in records[:4]] == [0, 1, 2, 3]
     assert records[-1]["count"] == 4 and records[-1]["model"]["version"] == MODEL_VERSION
+    assert records[-1]["count_confidence"] == plain["count_confidence"]
 
     sse = client.post(
         "/predict/stream?max_objects=2",
@@ -209,6 +214,41 @@ def test_next_continues_from_given_points(client):
     assert np.allclose([first["x"], first["y"]], full["points"][0], atol=0.05)
     done = client.post(f"/next?done_threshold={DONE_AT_ONCE_THRESHOLD}", json=body).json()
     assert done["done"] is True
+
+
+def test_a_calibrated_model_answers_its_confidence_everywhere_a_count_goes(predictor, tmp_path):
+    """A copy of the served model whose graphs carry a calibration that gives 0.8 to every
+    loop that says done: /predict, the stream's last record and KServe all report it."""
+    from seqops.export import rewrite_metadata
+    from seqops.predictor import read_metadata
+
+    model_dir = tmp_path / "calibrated"
+    shutil.copytree(predictor.model_dir, model_dir)
+    calibration = {"features": ["stop_log_prob"], "center": [0.0], "scale": [1.0],
+                   "coef": [0.0], "intercept": math.log(0.8 / 0.2)}  # fmt: skip
+    meta = read_metadata(model_dir / "encoder.onnx")
+    rewrite_metadata(model_dir, {**meta, "count_calibration": calibration})
+    calibrated = Predictor(model_dir, device="cpu", threads=1)
+    query = f"done_threshold={DONE_AT_ONCE_THRESHOLD}"
+    with make_client(calibrated) as client:
+        body = client.post(f"/predict?{query}", content=PNG, headers=PNG_HEADERS).json()
+        stream = client.post(f"/predict/stream?{query}", content=PNG, headers=PNG_HEADERS)
+        request = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                               "data": [base64.b64encode(PNG).decode()]}],
+                   "parameters": {"done_threshold": DONE_AT_ONCE_THRESHOLD}}  # fmt: skip
+        kserve = client.post("/v2/models/seqops/infer", json=request).json()
+        guarded = client.post("/predict?max_objects=2", content=PNG, headers=PNG_HEADERS)
+    assert (body["count"], body["count_confidence"]) == (0, 0.8)
+    assert body["model"]["confidence_calibrated"] is True
+    last = json.loads(stream.text.splitlines()[-1])
+    assert (last["event"], last["count_confidence"]) == ("done", 0.8)
+    outputs = {o["name"]: o for o in kserve["outputs"]}
+    assert outputs["count_confidence"] == {
+        "name": "count_confidence", "datatype": "FP32", "shape": [1], "data": [0.8]
+    }  # fmt: skip
+    assert kserve["parameters"]["confidence_calibrated"] is True
+    # Stopped by max_objects, not by done: 0 whatever the calibration says.
+    assert guarded.json()["count_confidence"] == 0.0
 
 
 def test_next_rejects_points_outside_the_image(client):

@@ -46,7 +46,7 @@ def test_kserve_metadata_health_and_readiness(client):
     meta = client.get("/v2/models/seqops").json()
     assert meta["versions"] == [MODEL_VERSION]
     assert meta["inputs"] == [{"name": "image", "datatype": "UINT8", "shape": [-1, -1, 3]}]
-    assert [o["name"] for o in meta["outputs"]] == ["count", "points"]
+    assert [o["name"] for o in meta["outputs"]] == ["count", "points", "count_confidence"]
     assert client.get(f"/v2/models/seqops/versions/{MODEL_VERSION}").status_code == 200
     assert client.get("/v2/models/seqops/ready").status_code == 200
     missing = client.get("/v2/models/other")
@@ -67,6 +67,7 @@ def test_kserve_infer_json_tensors(client):
     assert body["id"] == "req-7" and body["model_version"] == MODEL_VERSION
     outputs = {o["name"]: o for o in body["outputs"]}
     assert outputs["count"] == {"name": "count", "datatype": "INT32", "shape": [1], "data": [3]}
+    assert outputs["count_confidence"]["data"] == [plain["count_confidence"]] == [0.0]
     assert outputs["points"]["shape"] == [3, 2] and outputs["points"]["datatype"] == "FP32"
     assert np.allclose(np.reshape(outputs["points"]["data"], (3, 2)), plain["points"], atol=0.02)
     # An encoded image as BYTES (base64 in JSON), none found: points [0, 2].
@@ -102,6 +103,7 @@ def test_kserve_infer_binary_tensors_as_tritonclient_sends_them(client, as_bytes
     result = InferenceServerClient.parse_response_body(response.content)
     assert result.as_numpy("count").tolist() == [2]
     assert result.as_numpy("points").shape == (2, 2)
+    assert result.as_numpy("count_confidence").tolist() == [0.0]  # stopped by max_objects
     assert result.get_response()["id"] == "bin"
 
 
