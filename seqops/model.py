@@ -76,6 +76,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # Initial done probability ~0.12: most training steps have an object left (done = 0).
 _DONE_PRIOR_LOGIT = -2.0
+# softplus(-4) ~ 0.018 per cell: the count map starts near empty, not at ~0.7 per cell.
+_LEFT_PRIOR = -4.0
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,9 @@ class ModelSpec:
     order_prior: str = "none"  # one of ORDER_PRIORS
     order: str = "reading_order"  # prepare.order (the order the scan follows)
     row_height: float = 50.0  # prepare.row_height, px at image_size
+    # A map of the objects still unmarked (trained against their density), whose sum the
+    # done head sees: done should not fire while the map says objects are left.
+    count_head: bool = False
 
     def __post_init__(self) -> None:
         def fail(field: str, why: str) -> None:
@@ -200,7 +205,9 @@ def spec_from_params(params: Params) -> ModelSpec:
         # None (params.yaml's null) keeps the preset's value: from_preset drops None overrides.
         stride=model.stride,
         peak_window=model.peak_window,
+        mark_sigma=model.mark_sigma,
         order_prior=model.order_prior,
+        count_head=model.count_head,
         order=params.prepare.order,
         row_height=params.prepare.row_height,
     )
@@ -212,6 +219,7 @@ class StepOutput(NamedTuple):
     xy: Tensor  # [B, 2] normalised (x, y) in [-1, 1]
     done_logit: Tensor  # [B]
     heat_logits: Tensor  # [B, grid, grid]
+    left_map: Tensor | None = None  # [B, grid, grid] unmarked-object density (count_head)
 
 
 def make_coord_grid(grid: int) -> Tensor:
@@ -385,7 +393,15 @@ class _Step(nn.Module):
             nn.init.normal_(self.objects.weight, std=1e-3)
             nn.init.constant_(self.objects.bias, _SCAN_PRIOR_LOGIT)
             self.scan_weight = nn.Parameter(torch.ones(()))
-        self.done = nn.Sequential(nn.Linear(2 * s, s), nn.ReLU(inplace=True), nn.Linear(s, 1))
+        self.count_head = spec.count_head
+        if spec.count_head:
+            self.left = nn.Conv2d(s, 1, 1)
+            nn.init.normal_(self.left.weight, std=1e-3)
+            nn.init.constant_(self.left.bias, _LEFT_PRIOR)
+        pooled_width = 2 * s + int(spec.count_head)
+        self.done = nn.Sequential(
+            nn.Linear(pooled_width, s), nn.ReLU(inplace=True), nn.Linear(s, 1)
+        )
         nn.init.constant_(self.done[-1].bias, _DONE_PRIOR_LOGIT)
         if spec.head == "pooled":
             # The research's head: a global pool, an MLP, tanh -> (x, y). For the measurement.
@@ -401,12 +417,22 @@ class _Step(nn.Module):
         if self.order_prior == "scan":
             heat_logits = heat_logits - self.scan_weight * self._mass_before(h)
         pooled = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
-        done_logit = self.done(pooled).squeeze(1)
+        done_in, left_map = pooled, None
+        if self.count_head:
+            left_map = self._conv1(self.left, h, F.softplus)
+            done_in = torch.cat([pooled, torch.log1p(left_map.sum(dim=(1, 2)))[:, None]], dim=1)
+        done_logit = self.done(done_in).squeeze(1)
         if self.head_kind == "pooled":
             xy = self.xy_mlp(pooled)
         else:
             xy = soft_argmax(heat_logits, self.coords, self.peak_window)
-        return StepOutput(xy=xy, done_logit=done_logit, heat_logits=heat_logits)
+        return StepOutput(xy=xy, done_logit=done_logit, heat_logits=heat_logits, left_map=left_map)
+
+    @staticmethod
+    def _conv1(conv: nn.Conv2d, h: Tensor, activation) -> Tensor:
+        """A 1x1 conv to one channel as a matrix product (faster on CPU), ``[B, g, g]``."""
+        out = (conv.weight.view(1, -1) @ h.flatten(2)).view(h.shape[0], *h.shape[2:])
+        return activation(out + conv.bias)
 
     def _mass_before(self, h: Tensor) -> Tensor:
         """``[B, g, g]``: the learned unmarked-object mass of the cells before each cell in

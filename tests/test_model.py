@@ -295,7 +295,7 @@ class _Step(torch.nn.Module):
         self.model = model
 
     def forward(self, features: torch.Tensor, marks: torch.Tensor):
-        return tuple(self.model.step(features, marks))
+        return tuple(out for out in self.model.step(features, marks) if out is not None)
 
 
 def _export(module: torch.nn.Module, args: tuple, names: list[str], outs: list[str], path) -> None:
@@ -313,10 +313,12 @@ def _export(module: torch.nn.Module, args: tuple, names: list[str], outs: list[s
     )
 
 
-@pytest.mark.parametrize("order_prior", ORDER_PRIORS)
-def test_onnx_export_matches_torch(tmp_path, order_prior: str) -> None:
+@pytest.mark.parametrize(
+    ("order_prior", "count_head"), [(prior, False) for prior in ORDER_PRIORS] + [("scan", True)]
+)
+def test_onnx_export_matches_torch(tmp_path, order_prior: str, count_head: bool) -> None:
     ort = pytest.importorskip("onnxruntime")
-    model = _build("tiny", 64, exemplars=True, order_prior=order_prior)
+    model = _build("tiny", 64, exemplars=True, order_prior=order_prior, count_head=count_head)
     torch.manual_seed(1)
     # Non-trivial random weights: a peaked heat map and BN statistics that are not identity.
     torch.nn.init.normal_(model.stepper.heat.weight, std=1.0)
@@ -333,7 +335,7 @@ def test_onnx_export_matches_torch(tmp_path, order_prior: str) -> None:
     marks = torch.rand(2, 1, spec.grid, spec.grid)
     encoder_path, step_path = tmp_path / "encoder.onnx", tmp_path / "step.onnx"
     _export(_Encode(model), (images, mask), ["images", "exemplar_mask"], ["features"], encoder_path)
-    outs = ["xy", "done_logit", "heat_logits"]
+    outs = ["xy", "done_logit", "heat_logits"] + (["left_map"] if count_head else [])
     _export(_Step(model), (features, marks), ["features", "marks"], outs, step_path)
     assert not model.training
 
@@ -349,5 +351,6 @@ def test_onnx_export_matches_torch(tmp_path, order_prior: str) -> None:
         expected = model.step(features, marks)
     np.testing.assert_allclose(onnx_features, features.numpy(), atol=1e-4, rtol=0)
     onnx_out = stepper.run(None, {"features": onnx_features, "marks": marks.numpy()})
+    expected = [out for out in expected if out is not None]
     for got, want in zip(onnx_out, expected, strict=True):
         np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)

@@ -92,6 +92,30 @@ def heatmap_loss(heat_logits: Tensor, target_xy: Tensor, sigma_cells: float) -> 
     return -(target.reshape(b, g * g) * log_probs).sum(dim=1)
 
 
+def left_density(points: Tensor, unmarked: Tensor, grid: int, sigma_cells: float) -> Tensor:
+    """The density of the objects still unmarked, ``[B, g, g]``: a unit-mass Gaussian on the
+    grid per unmarked object, so the map sums to the number of objects left.
+
+    Args:
+        points: ``[B, Nmax, 2]`` every object of each step's image, normalised, padded.
+        unmarked: ``[B, Nmax]`` bool, True for the real objects without a mark.
+    """
+    b, n, _ = points.shape
+    if n == 0:
+        return points.new_zeros(b, grid, grid)
+    blobs = render_heatmap_target(points.reshape(b * n, 2), grid, sigma_cells).view(b, n, -1)
+    weights = unmarked.to(blobs.dtype)[:, :, None]
+    return (blobs * weights).sum(dim=1).view(b, grid, grid)
+
+
+def count_loss(left_map: Tensor, density: Tensor) -> Tensor:
+    """Per step ``[B]``: squared error of the map summed over the grid, plus the absolute
+    error of its total (the number of objects left), so both where and how many are taught."""
+    per_cell = ((left_map - density) ** 2).sum(dim=(1, 2))
+    total = (left_map.sum(dim=(1, 2)) - density.sum(dim=(1, 2))).abs()
+    return per_cell + total
+
+
 def nearest_unmarked_targets(pred_xy: Tensor, points: Tensor, valid: Tensor) -> Tensor:
     """The valid point nearest to each prediction (L1, the spatial loss's distance).
 

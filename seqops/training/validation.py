@@ -39,6 +39,7 @@ class StepLosses:
     heatmap: Tensor
     mse: Tensor
     done: Tensor
+    count: Tensor  # the count head's loss (zeros without one)
     live: Tensor
     target_xy: Tensor  # the target each step was scored against (0 where done)
 
@@ -55,30 +56,44 @@ def compute_step_losses(out: StepOutput, batch: dict[str, Tensor], cfg: TrainCon
         target = batch["target_xy"]
     # Done steps have no target; zeros keep their (masked) terms finite.
     target = torch.where(live[:, None], target, torch.zeros_like(target))
+    count = torch.zeros_like(done_target)
+    if out.left_map is not None:
+        left = out.left_map.float()
+        density = losses.left_density(
+            batch["points"], batch["unmarked"], left.shape[-1], cfg.loss.heatmap_sigma
+        )
+        count = losses.count_loss(left, density)
     return StepLosses(
         spatial=losses.spatial_loss(xy, target, cfg.loss.threshold, cfg.loss.variant),
         heatmap=losses.heatmap_loss(out.heat_logits.float(), target, cfg.loss.heatmap_sigma),
         mse=losses.mse_loss(xy, target),
         done=losses.done_loss(out.done_logit.float(), done_target, cfg.loss.pos_weight),
+        count=count,
         live=live,
         target_xy=target,
     )
 
 
 def reduce_losses(step: StepLosses, cfg: TrainConfig) -> dict[str, Tensor]:
-    """Batch means: ``loss = spatial + w_heatmap * heatmap + w_done * done``."""
+    """Batch means: ``loss = spatial + w_heatmap * heatmap + w_done * done + w_count * count``
+    (spatial, heat map and MSE over the steps with an object left; done and count over all:
+    at a done step the count head must say that nothing is left)."""
     weight = step.live.float()
-    count = weight.sum().clamp_min(1.0)
-    spatial = (step.spatial * weight).sum() / count
-    heatmap = (step.heatmap * weight).sum() / count
-    mse = (step.mse * weight).sum() / count
+    live_steps = weight.sum().clamp_min(1.0)
+    spatial = (step.spatial * weight).sum() / live_steps
+    heatmap = (step.heatmap * weight).sum() / live_steps
+    mse = (step.mse * weight).sum() / live_steps
     done = step.done.mean()
-    loss = spatial + cfg.loss.w_heatmap * heatmap + cfg.loss.w_done * done
+    count = step.count.mean()
+    loss = (
+        spatial + cfg.loss.w_heatmap * heatmap + cfg.loss.w_done * done + cfg.loss.w_count * count
+    )
     return {
         "loss": loss,
         "loss_spatial": spatial,
         "loss_done": done,
         "loss_heatmap": heatmap,
+        "loss_count": count,
         "mse": mse,
     }
 
@@ -100,7 +115,7 @@ class ValAccumulator:
 
     def __init__(self, cfg: TrainConfig, image_size: int, done_threshold: float) -> None:
         self.cfg, self.image_size, self.done_threshold = cfg, image_size, done_threshold
-        self.sums = {"spatial": 0.0, "heatmap": 0.0, "mse": 0.0, "done": 0.0}
+        self.sums = {"spatial": 0.0, "heatmap": 0.0, "mse": 0.0, "done": 0.0, "count": 0.0}
         self.live = 0
         self.steps = 0
         self.px_err: list[np.ndarray] = []
@@ -112,6 +127,7 @@ class ValAccumulator:
         for name in ("spatial", "heatmap", "mse"):
             self.sums[name] += float(getattr(step, name)[live].sum())
         self.sums["done"] += float(step.done.sum())
+        self.sums["count"] += float(step.count.sum())
         self.live += int(live.sum())
         self.steps += len(live)
         # Euclidean error at model input size: normalised units * S/2 pixels.
@@ -124,13 +140,14 @@ class ValAccumulator:
         live, steps = max(self.live, 1), max(self.steps, 1)
         spatial = self.sums["spatial"] / live
         heatmap = self.sums["heatmap"] / live
-        done = self.sums["done"] / steps
+        done, count = self.sums["done"] / steps, self.sums["count"] / steps
         loss = self.cfg.loss
         metrics = {
-            "loss": spatial + loss.w_heatmap * heatmap + loss.w_done * done,
+            "loss": spatial + loss.w_heatmap * heatmap + loss.w_done * done + loss.w_count * count,
             "loss_spatial": spatial,
             "loss_done": done,
             "loss_heatmap": heatmap,
+            "loss_count": count,
             "mse": self.sums["mse"] / live,
         }
         err = np.concatenate(self.px_err) if self.px_err else np.zeros(0)

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from seqops.training import losses
 from seqops.training.losses import (
     done_loss,
     heatmap_loss,
@@ -149,3 +150,28 @@ def test_nearest_unmarked_edge_cases() -> None:
     torch.testing.assert_close(empty, pred)
     with pytest.raises(ValueError, match="disagree"):
         nearest_unmarked_targets(pred, torch.zeros(2, 3, 2), torch.ones(2, 4, dtype=torch.bool))
+
+
+def test_left_density_holds_one_unit_per_unmarked_object():
+    points = torch.tensor([[[-0.5, -0.5], [0.5, 0.25], [0.0, 0.0]]])
+    unmarked = torch.tensor([[True, False, True]])
+    density = losses.left_density(points, unmarked, grid=16, sigma_cells=1.0)
+    assert density.shape == (1, 16, 16)
+    assert float(density.sum()) == pytest.approx(2.0, abs=1e-4)
+    # the marked object's cell holds (nearly) nothing, an unmarked one's its blob's peak
+    assert float(density[0, 10, 12]) < 1e-3 < float(density[0, 4, 4])
+    assert float(losses.count_loss(density, density)[0]) == 0.0
+    assert float(losses.count_loss(density * 1.5, density)[0]) > 1.0  # one object too many
+
+
+def test_the_count_head_feeds_the_done_decision():
+    from seqops.model import ModelSpec, SeqCounter
+
+    torch.manual_seed(0)
+    model = SeqCounter(ModelSpec.from_preset("tiny", 64, False, count_head=True))
+    features = model.encode(torch.randn(2, 3, 64, 64))
+    out = model.step(features, torch.zeros(2, 1, model.spec.grid, model.spec.grid))
+    assert out.left_map.shape == (2, model.spec.grid, model.spec.grid)
+    assert float(out.left_map.min()) > 0  # softplus: a density is never negative
+    out.done_logit.sum().backward()
+    assert float(model.stepper.left.weight.grad.abs().sum()) > 0
