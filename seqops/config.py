@@ -12,10 +12,17 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
 
@@ -105,11 +112,25 @@ class LossConfig(_Section):
 
 
 class AugmentConfig(_Section):
-    """Noise on the marks during training, so the loop recovers from its own small errors."""
+    """Noise on the marks during training, so the loop recovers from its own small errors,
+    and on the images (seqops.transforms), so a photo counts the same in greyscale, as a JPEG
+    or from a lower-resolution source."""
 
     mark_jitter_px: float = Field(ge=0)  # std of Gaussian jitter of each mark, model px
     mark_drop_prob: float = Field(ge=0, le=1)  # a found object's mark goes missing
     spurious_mark_prob: float = Field(ge=0, le=1)  # a mark lands where no object is
+    grey_prob: float = Field(ge=0, le=1)  # share of training images shown in greyscale
+    jpeg_prob: float = Field(ge=0, le=1)  # share JPEG-compressed at a quality in [30, 90]
+    # Downscaled by a factor drawn in [low, high] and back up to the model size; [1, 1]: off.
+    scale_range: tuple[float, float] = Field(strict=False)  # YAML list
+
+    @field_validator("scale_range")
+    @classmethod
+    def _scale_range_in_unit_interval(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0 < low <= high <= 1:
+            raise ValueError("expected [low, high] with 0 < low <= high <= 1")
+        return value
 
 
 class TrainConfig(_Section):
@@ -142,6 +163,12 @@ class ExportConfig(_Section):
     parity_tolerance: float = Field(gt=0)
 
 
+# A transform of seqops.transforms (its ranges are checked there, before evaluating).
+TransformName = Annotated[
+    str, StringConstraints(pattern=r"^(identity|grey|jpeg\d{1,3}|scale\d*\.?\d+)$")
+]
+
+
 class EvaluateConfig(_Section):
     match_radius_px: float = Field(gt=0)
     done_threshold: float = Field(gt=0, lt=1)
@@ -149,6 +176,8 @@ class EvaluateConfig(_Section):
     worst_images: int = Field(ge=0)
     # Flag an image for review when its count_confidence is below this (seqops.confidence).
     review_threshold: float = Field(ge=0, le=1)
+    # Transformed copies of the split, counted too: robust/<name>/* rows (seqops.transforms).
+    transforms: tuple[TransformName, ...] = Field(strict=False)  # YAML list; empty: none
 
 
 class PromoteConfig(_Section):

@@ -11,8 +11,15 @@ until done), not the torch model. Outputs:
   ``calibration.csv`` (the done head's reliability table), ``count_reliability.csv`` (the
   count confidence's) and ``review_curve.csv`` (flagged share and miscount recall at every
   review threshold);
-- a report directory: ``per_image.jsonl``, ``calibration.json`` and ``worst/`` pictures of
-  the worst images (predicted points numbered in RED, true points in GREEN).
+- a report directory: ``per_image.jsonl``, ``calibration.json``, ``worst/`` pictures of
+  the worst images (predicted points numbered in RED, true points in GREEN) and
+  ``robust.json``.
+
+Robustness: the same scene must count the same in greyscale, as a JPEG or at another scale.
+Each of ``evaluate.transforms`` (:mod:`seqops.transforms`) is applied to a copy of the split,
+which is counted and scored like the split: ``robust/<name>/count_exact_acc``, ``count_mae``,
+``count_bias`` and ``f1`` go to ``robust.json`` and MLflow, and the metrics JSON gets one
+headline, ``robust_count_exact_acc_min`` (the worst transform's exact share).
 
 The metric definitions are in :mod:`seqops.scoring`. The export stage also runs a split
 through here: :func:`calibrate_confidence` fits the count confidence on the validation split.
@@ -27,11 +34,12 @@ import math
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from seqops import imaging
 from seqops import scoring as M
@@ -40,6 +48,7 @@ from seqops.config import EvaluateConfig, Params
 from seqops.contract import MAX_EXEMPLARS
 from seqops.data.manifest import Record, manifest_path, read_dataset_info, read_manifest
 from seqops.io import atomic_directory, atomic_write_json
+from seqops.transforms import Transform, TransformError, map_boxes, map_points, parse_transforms
 
 log = logging.getLogger(__name__)
 
@@ -48,47 +57,76 @@ COUNTS_CSV = "counts.csv"
 CALIBRATION_CSV = "calibration.csv"
 COUNT_RELIABILITY_CSV = "count_reliability.csv"
 REVIEW_CURVE_CSV = "review_curve.csv"
+ROBUST_JSON = "robust.json"
+ROBUST_METRICS = ("count_exact_acc", "count_mae", "count_bias", "f1")
+ROBUST_HEADLINE = "robust_count_exact_acc_min"
 
 
 class EvaluateError(ValueError):
     """The model and the dataset do not fit together; the message says how."""
 
 
+def load_record(
+    data_dir: Path, record: Record, transform: Transform | None = None
+) -> tuple[Image.Image, Record]:
+    """A record's image and the record; with ``transform``, the transformed image and a copy
+    of the record whose points and exemplar boxes are in the new image's pixels."""
+    image = imaging.load_image(data_dir / record.image)
+    if transform is None:
+        return image, record
+    out = transform(image)
+    points = map_points(record.points_array(), image.size, out.size)
+    boxes = map_boxes(record.exemplars_array(), image.size, out.size)
+    return out, replace(
+        record,
+        points=tuple((x, y) for x, y in points.tolist()),
+        exemplars=tuple((x1, y1, x2, y2) for x1, y1, x2, y2 in boxes.tolist()),
+    )
+
+
 def prepare_record(predictor: Any, data_dir: Path, record: Record) -> Any:
     """The predictor's input for a prepared image (and its exemplar boxes, for a model
-    trained with them).
+    trained with them)."""
+    return prepare_image(predictor, *load_record(data_dir, record))
 
-    Prepared images are at model size, so the record's model-pixel boxes are the image's
-    own pixels. Boxes are clipped to the image as training's mask rendering does; a record
-    without boxes gets the empty mask training used, where a user request would be refused.
+
+def prepare_image(predictor: Any, image: Image.Image, record: Record) -> Any:
+    """The predictor's input for ``image`` and the exemplar boxes of ``record`` (in the
+    image's pixels: a prepared image's are model pixels).
+
+    Boxes are clipped to the image as training's mask rendering does; a record without boxes
+    gets the empty mask training used, where a user request would be refused.
     """
     from seqops.predictor import PreparedImage
 
-    image = imaging.load_image(data_dir / record.image)
     if not predictor.info.exemplars:
         return predictor.prepare(image)
-    size = predictor.info.image_size
-    boxes = np.clip(record.exemplars_array()[:MAX_EXEMPLARS], 0, size)
+    width, height = image.size
+    limits = np.array([width, height, width, height], np.float32)
+    boxes = np.clip(record.exemplars_array()[:MAX_EXEMPLARS], 0, limits)
     boxes = boxes[(boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])]
     if len(boxes):
         return predictor.prepare(image, boxes.tolist())
-    pixels, scale = imaging.resize_for_model(image, size)
+    pixels, scale = imaging.resize_for_model(image, predictor.info.image_size)
     grid = predictor.info.grid
     empty = np.zeros((1, grid, grid), np.float32)
     return PreparedImage(imaging.normalize_pixels(pixels), image.size, scale, empty)
 
 
 def evaluate_image(
-    record: Record, prediction: Any, radius: float
+    record: Record, prediction: Any, radius: float, *, input_px: bool = False
 ) -> tuple[dict[str, Any], M.MatchResult, np.ndarray, np.ndarray]:
-    """Score one image's prediction (points in model px) against its record.
+    """Score one image's prediction against its record: in model px (a prepared image), or
+    with ``input_px`` in the pixels of the image the predictor was given (``points``: a
+    transformed copy, whose record :func:`load_record` mapped to them).
 
     Returns:
         ``(row, match, done_probs, done_labels)``: the per-image row of ``per_image.jsonl``,
         the matching, and the rollout's done probabilities with their observed labels.
     """
     true = record.points_array()
-    pred = np.asarray(prediction.points_model, np.float64).reshape(-1, 2)
+    pred = np.asarray(prediction.points if input_px else prediction.points_model, np.float64)
+    pred = pred.reshape(-1, 2)
     match = M.match_points(pred, true, radius)
     t_all = M.first_step_all_found(pred, true, radius)
     probs = np.asarray(prediction.done_probs, np.float64)
@@ -241,28 +279,88 @@ def read_split(data_dir: str | Path, name: str) -> Split:
 
 
 def predict_split(
-    predictor: Any, split: Split, settings: EvaluateConfig, batch_size: int
+    predictor: Any,
+    split: Split,
+    settings: EvaluateConfig,
+    batch_size: int,
+    transform: Transform | None = None,
 ) -> Iterator[tuple[Record, Any]]:
-    """Count every image of ``split`` with ``predictor``, ``batch_size`` images per batch
-    (each image still stops on its own): ``(record, prediction)`` pairs. Reads
-    ``settings.max_objects`` and ``settings.done_threshold`` only."""
+    """Count every image of ``split`` (each through ``transform`` when given) with
+    ``predictor``, ``batch_size`` images per batch (each image still stops on its own):
+    ``(record, prediction)`` pairs, the record in the given image's pixels
+    (:func:`load_record`). Reads ``settings.max_objects`` and ``settings.done_threshold``."""
     for i in range(0, len(split.records), batch_size):
-        batch = split.records[i : i + batch_size]
-        images = [prepare_record(predictor, split.data_dir, r) for r in batch]
+        batch = [
+            load_record(split.data_dir, r, transform) for r in split.records[i : i + batch_size]
+        ]
+        images = [prepare_image(predictor, image, record) for image, record in batch]
         predictions = predictor.predict(
             images, max_objects=settings.max_objects, done_threshold=settings.done_threshold
         )
-        yield from zip(batch, predictions, strict=True)
+        yield from zip([record for _, record in batch], predictions, strict=True)
 
 
-def score_split(predictor: Any, split: Split, settings: EvaluateConfig, batch_size: int) -> Scores:
-    """Count every image of ``split`` and score each against its record."""
+def score_split(
+    predictor: Any,
+    split: Split,
+    settings: EvaluateConfig,
+    batch_size: int,
+    transform: Transform | None = None,
+) -> Scores:
+    """Count every image of ``split`` (or its copy through ``transform``) and score each
+    against its record. A transformed copy is scored in its own pixels, the match radius
+    scaled with the image, so a point is held to the same tolerance relative to the objects."""
+    scale = transform.scale if transform is not None else 1.0
     scores = Scores()
     started = time.perf_counter()
-    for record, prediction in predict_split(predictor, split, settings, batch_size):
-        scores.add(*evaluate_image(record, prediction, settings.match_radius_px))
+    for record, prediction in predict_split(predictor, split, settings, batch_size, transform):
+        row = evaluate_image(
+            record, prediction, settings.match_radius_px * scale, input_px=transform is not None
+        )
+        scores.add(*row)
     scores.seconds = time.perf_counter() - started
     return scores
+
+
+def read_transforms(settings: EvaluateConfig) -> list[Transform]:
+    """``settings.transforms`` parsed; an :class:`EvaluateError` names a bad one."""
+    try:
+        return parse_transforms(settings.transforms)
+    except TransformError as exc:
+        raise EvaluateError(f"evaluate.transforms: {exc}") from None
+
+
+def score_robustness(
+    predictor: Any,
+    split: Split,
+    settings: EvaluateConfig,
+    batch_size: int,
+    transforms: list[Transform],
+) -> dict[str, Any]:
+    """Count and score a copy of ``split`` through each of ``transforms``.
+
+    Returns:
+        ``{robust/<name>/<metric>: value}`` for each transform and :data:`ROBUST_METRICS`
+        (None where undefined), as ``robust.json`` holds them.
+    """
+    robust: dict[str, Any] = {}
+    for transform in transforms:
+        metrics = summarise(
+            score_split(predictor, split, settings, batch_size, transform), settings
+        )
+        robust.update({f"robust/{transform.name}/{k}": metrics[k] for k in ROBUST_METRICS})
+        log.info(
+            "%s copy: %s exact, count MAE %.3f, bias %+.2f, F1 %s", transform.name,
+            _share(metrics["count_exact_acc"]), metrics["count_mae"], metrics["count_bias"],
+            "n/a" if metrics["f1"] is None else f"{metrics['f1']:.3f}",
+        )  # fmt: skip
+    return robust
+
+
+def robust_headline(robust: dict[str, Any]) -> float | None:
+    """The worst transform's exact-count share (None without transforms)."""
+    shares = [v for k, v in robust.items() if k.endswith("/count_exact_acc") and v is not None]
+    return min(shares) if shares else None
 
 
 def write_plots(plots_dir: str | Path, scores: Scores) -> None:
@@ -289,14 +387,23 @@ def write_plots(plots_dir: str | Path, scores: Scores) -> None:
         )
 
 
-def write_report(out_dir: str | Path, split: Split, scores: Scores, worst_images: int) -> None:
-    """``per_image.jsonl``, ``calibration.json`` and pictures of the ``worst_images`` worst
-    images under ``worst/``, replacing ``out_dir``."""
+def write_report(
+    out_dir: str | Path,
+    split: Split,
+    scores: Scores,
+    worst_images: int,
+    robust: dict[str, Any] | None = None,
+) -> None:
+    """``per_image.jsonl``, ``calibration.json``, ``robust.json`` (when ``robust`` is given:
+    :func:`score_robustness`) and pictures of the ``worst_images`` worst images under
+    ``worst/``, replacing ``out_dir``."""
     with atomic_directory(out_dir) as tmp:
         with open(tmp / "per_image.jsonl", "w") as f:
             for row in scores.rows:
                 f.write(json.dumps(row) + "\n")
         atomic_write_json(tmp / "calibration.json", reliability(scores))
+        if robust is not None:
+            atomic_write_json(tmp / ROBUST_JSON, robust)
         worst = _pick_worst(scores.rows, worst_images)
         _draw_worst(split.data_dir, {r.id: r for r in split.records}, worst, tmp / "worst")
 
@@ -358,12 +465,14 @@ def run_evaluate(
     """Evaluate a model (a directory or an MLflow URI) on ``split`` of a prepared dataset.
 
     Args:
-        params: ``evaluate.*`` (radius, done threshold, max objects, worst images).
+        params: ``evaluate.*`` (radius, done threshold, max objects, worst images, review
+            threshold, the transformed copies to count too).
         model: the exported model directory or ``models:/seqops@candidate``.
         metrics_path: the metrics JSON (``metrics/evaluate.json``).
         plots_dir: the plots CSVs go here (see the module docstring).
         out_dir: the report directory (per-image results, worst pictures).
-        track: log metrics (``<split>/<name>``) and the report into the model's training run.
+        track: log metrics and the robust rows (``<split>/<name>``) and the report into the
+            model's training run.
         batch_size: images per predictor batch (each image still stops on its own).
 
     Returns:
@@ -371,28 +480,32 @@ def run_evaluate(
     """
     from seqops.predictor import Predictor
 
+    settings = params.evaluate
+    transforms = read_transforms(settings)
     predictor = Predictor.load(model, device=device)
     require_image_size(data_dir, predictor.info.image_size, model)
     data = read_split(data_dir, split)
-    scores = score_split(predictor, data, params.evaluate, batch_size)
-    metrics = summarise(scores, params.evaluate)
+    scores = score_split(predictor, data, settings, batch_size)
+    robust = score_robustness(predictor, data, settings, batch_size, transforms)
+    metrics = {**summarise(scores, settings), ROBUST_HEADLINE: robust_headline(robust)}
     if plots_dir is not None:
         write_plots(plots_dir, scores)
     if out_dir is not None:
-        write_report(out_dir, data, scores, params.evaluate.worst_images)
+        write_report(out_dir, data, scores, settings.worst_images, robust)
     if metrics_path is not None:
         atomic_write_json(metrics_path, metrics)
     if track:
         from seqops.registry import log_evaluation
 
         artifacts = report_artifacts(plots_dir, out_dir)
-        log_evaluation(predictor.info.run_id, metrics, artifacts, prefix=split)
+        log_evaluation(predictor.info.run_id, {**metrics, **robust}, artifacts, prefix=split)
     log.info(
         "%s: %d images, count MAE %.3f, F1 %s, %.1f ms/image; review below %g flags %s, "
-        "catching %s of the miscounts",
+        "catching %s of the miscounts; worst transformed copy %s exact",
         split, len(data.records), metrics["count_mae"], metrics["f1"],
-        metrics["latency_ms_per_image"], params.evaluate.review_threshold,
+        metrics["latency_ms_per_image"], settings.review_threshold,
         _share(metrics["review_flagged_share"]), _share(metrics["review_miscount_recall"]),
+        _share(metrics[ROBUST_HEADLINE]),
     )  # fmt: skip
     return metrics
 

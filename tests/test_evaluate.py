@@ -6,6 +6,7 @@ import csv
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -17,8 +18,18 @@ from seqops.cli import main
 from seqops.confidence import EPS, confidence_from_features
 from seqops.contract import CountCalibration
 from seqops.data.manifest import Record, manifest_path, read_manifest
-from seqops.evaluate import EvaluateError, calibrate_confidence, evaluate_image, run_evaluate
+from seqops.evaluate import (
+    ROBUST_HEADLINE,
+    ROBUST_METRICS,
+    EvaluateError,
+    calibrate_confidence,
+    evaluate_image,
+    read_split,
+    run_evaluate,
+    score_split,
+)
 from seqops.predictor import Prediction
+from seqops.transforms import parse_transform
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +244,9 @@ def test_metrics_and_report_go_to_the_training_run(dataset, tmp_path, mlflow_uri
     client = mlflow.MlflowClient(mlflow_uri)
     logged = client.get_run(training.run_id).data.metrics
     assert logged["test/count_mae"] == pytest.approx(metrics["count_mae"])
+    robust = json.loads((tmp_path / "out/robust.json").read_text())
+    assert logged["test/robust/grey/count_exact_acc"] == robust["robust/grey/count_exact_acc"]
+    assert logged[f"test/{ROBUST_HEADLINE}"] == metrics[ROBUST_HEADLINE]
     assert "test/precision" not in logged  # undefined (no predictions): not logged
     artifacts = {a.path for a in client.list_artifacts(training.run_id, "evaluate")}
     assert {"evaluate/per_image.jsonl", "evaluate/worst", "evaluate/plots"} <= artifacts
@@ -258,3 +272,78 @@ def test_an_exemplar_model_is_evaluated_with_each_records_boxes(tmp_path: Path):
     params = shrink_params("evaluate.max_objects=4", "evaluate.worst_images=1")
     metrics = run_evaluate(params, exported_model("exemplars")[0], root, track=False, device="cpu")
     assert metrics["num_images"] == 3
+
+
+def test_transformed_copies_are_scored_and_the_worst_is_the_headline(dataset: Path, tmp_path):
+    """The "never" model places 3 points on every image (the guard): the count is exact where
+    3 objects are, and where the points land depends on the pixels."""
+    names = ["identity", "grey", "jpeg20", "scale0.5"]
+    params = shrink_params(
+        f"evaluate.transforms=[{', '.join(names)}]",
+        "evaluate.max_objects=3",
+        "evaluate.worst_images=0",
+    )
+    metrics = run_evaluate(
+        params, exported_model("never")[0], dataset, metrics_path=tmp_path / "metrics.json",
+        out_dir=tmp_path / "out", track=False, device="cpu",
+    )  # fmt: skip
+    robust = json.loads((tmp_path / "out/robust.json").read_text())
+    assert sorted(robust) == sorted(f"robust/{n}/{k}" for n in names for k in ROBUST_METRICS)
+    # An unchanged copy scores what the split does.
+    assert {k: robust[f"robust/identity/{k}"] for k in ROBUST_METRICS} == {
+        k: metrics[k] for k in ROBUST_METRICS
+    }
+    assert robust["robust/grey/count_exact_acc"] == np.mean(true_counts(dataset) == 3)
+    assert metrics[ROBUST_HEADLINE] == min(robust[f"robust/{n}/count_exact_acc"] for n in names)
+    # The metrics file gets the headline only.
+    assert [k for k in metrics if "robust" in k] == [ROBUST_HEADLINE]
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+
+
+def test_without_transforms_there_is_no_headline(dataset: Path, tmp_path: Path):
+    params = shrink_params("evaluate.transforms=[]", "evaluate.worst_images=0")
+    metrics = run_evaluate(
+        params, exported_model("done")[0], dataset, out_dir=tmp_path / "out", track=False
+    )
+    assert metrics[ROBUST_HEADLINE] is None
+    assert json.loads((tmp_path / "out/robust.json").read_text()) == {}
+
+
+def test_a_bad_transform_is_refused_before_counting(dataset: Path):
+    params = shrink_params("evaluate.transforms=[grey, jpeg0]")
+    with pytest.raises(EvaluateError, match=r"evaluate\.transforms: transform 'jpeg0'"):
+        run_evaluate(params, "no/such/model", dataset, track=False)
+
+
+class OraclePredictor:
+    """Finds every true object of the split (in order), ``offset_px`` to the right, in the
+    pixels of the image it is given; ``points_model`` stays in the split's model px."""
+
+    def __init__(self, records: list[Record], image_size: int, offset_px: float) -> None:
+        self.info = SimpleNamespace(exemplars=False, image_size=image_size)
+        self.records, self.offset = iter(records), offset_px
+
+    def prepare(self, image: Image.Image) -> Image.Image:
+        return image
+
+    def predict(self, images, max_objects: int, done_threshold: float) -> list[Prediction]:
+        out = []
+        for image in images:
+            true = next(self.records).points_array()
+            scale = image.size[0] / self.info.image_size
+            points = (true * scale + [self.offset, 0]).tolist()
+            n = len(points)
+            out.append(Prediction(n, points, true.tolist(), [0.0] * n + [1.0], "done", {}))
+        return out
+
+
+@pytest.mark.parametrize(("offset_px", "all_found"), [(0.0, True), (3.0, True), (5.0, False)])
+def test_a_rescaled_copy_is_scored_in_its_own_pixels(dataset: Path, offset_px, all_found):
+    """At half size the 8 px radius is 4 px of the copy: 3 px off still matches, 5 px not (the
+    rightmost object of every image is missed; another may lie 5 px right of its neighbour)."""
+    split = read_split(dataset, "test")
+    predictor = OraclePredictor(split.records, 64, offset_px)
+    settings = shrink_params("evaluate.match_radius_px=8").evaluate
+    scores = score_split(predictor, split, settings, 3, parse_transform("scale0.5"))
+    assert [r["pred_count"] for r in scores.rows] == true_counts(dataset).tolist()
+    assert [r["f1"] == 1.0 for r in scores.rows if r["true_count"]] == [all_found] * 6

@@ -28,6 +28,7 @@ from seqops.data.manifest import (
 from seqops.data.sampling import sample_image_steps
 from seqops.imaging import load_image, normalize_pixels, render_exemplar_mask
 from seqops.model import ModelSpec
+from seqops.transforms import augment_image
 
 # Validation steps come from this fixed seed, whatever train.seed is, so val/loss compares
 # across epochs and across runs.
@@ -67,16 +68,17 @@ class StepDataset(Dataset):
     """One prepared split; item ``i`` is image ``i`` with its sampled steps.
 
     Training items (``augment=True``) draw new steps each epoch (seeded by ``seed``, epoch and
-    index, so a resumed run draws what the uninterrupted one would); validation items use
-    clean marks and the same steps every epoch.
+    index, so a resumed run draws what the uninterrupted one would) and show the image as
+    ``train.augment`` transforms it; validation items use clean images and marks and the same
+    steps every epoch.
 
     Args:
         dataset_dir: a prepared dataset (``seqops.data.manifest``).
         split: ``train`` or ``val`` (any split with a manifest).
         spec: the network trained on it: input size, grid, mark radius, exemplars.
         sampling: steps per image and their done share.
-        train: the mark noise (``train.augment``) and target (``train.target``).
-        augment: apply ``train.augment``'s mark noise (training) or not (validation).
+        train: the mark and image noise (``train.augment``) and target (``train.target``).
+        augment: apply ``train.augment``'s noise (training) or not (validation).
         seed: the steps' random source.
     """
 
@@ -129,11 +131,26 @@ class StepDataset(Dataset):
         boxes = self.records[index].exemplars_array()
         return render_exemplar_mask(boxes, self.image_size, self.grid)[None]
 
+    def image_pixels(self, index: int, rng: np.random.Generator) -> np.ndarray:
+        """uint8 ``[S, S, 3]`` of image ``index``, for training as ``train.augment``'s image
+        noise transforms it (drawn from the item's ``rng`` after its steps, so the steps do not
+        depend on it; the points stay where they are: the image keeps its size)."""
+        if self.augment is None:
+            return self.pixels[index]
+        return augment_image(
+            self.pixels[index],
+            rng,
+            grey_prob=self.augment.grey_prob,
+            jpeg_prob=self.augment.jpeg_prob,
+            scale_range=self.augment.scale_range,
+        )
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
+        rng = self.rng(index)
         steps = sample_image_steps(
             record.points_array(),
-            self.rng(index),
+            rng,
             image_size=self.image_size,
             sampling=self.sampling,
             grid=self.grid,
@@ -142,7 +159,7 @@ class StepDataset(Dataset):
             shuffle=self.shuffle,
         )
         item = {
-            "image": normalize_pixels(self.pixels[index]),
+            "image": normalize_pixels(self.image_pixels(index, rng)),
             "marks": steps.marks[:, None],
             "target_xy": steps.target_xy,
             "done": steps.done,

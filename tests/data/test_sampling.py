@@ -11,7 +11,9 @@ from seqops.imaging import pixels_to_norm, render_marks
 
 SIZE, GRID, SIGMA = 64, 8, 1.0
 POINTS_PX = np.array([[10, 10], [40, 12], [20, 40], [50, 50], [8, 56]], np.float32)
-NO_NOISE = AugmentConfig(mark_jitter_px=0, mark_drop_prob=0, spurious_mark_prob=0)
+# Image augmentation (seqops.transforms) is not the sampler's: off here.
+CLEAN_IMAGES = {"grey_prob": 0.0, "jpeg_prob": 0.0, "scale_range": (1.0, 1.0)}
+NO_NOISE = AugmentConfig(mark_jitter_px=0, mark_drop_prob=0, spurious_mark_prob=0, **CLEAN_IMAGES)
 
 
 def rng(seed: int = 0) -> np.random.Generator:
@@ -80,7 +82,9 @@ def test_shuffled_steps_mark_random_subsets_and_target_an_unmarked_object():
 
 
 def test_sampling_is_reproducible_with_a_seed():
-    augment = AugmentConfig(mark_jitter_px=2, mark_drop_prob=0.3, spurious_mark_prob=0.5)
+    augment = AugmentConfig(
+        mark_jitter_px=2, mark_drop_prob=0.3, spurious_mark_prob=0.5, **CLEAN_IMAGES
+    )
     a = steps_of(rng(7), augment=augment)
     b = steps_of(rng(7), augment=augment)
     np.testing.assert_array_equal(a.k, b.k)
@@ -89,7 +93,9 @@ def test_sampling_is_reproducible_with_a_seed():
 
 def test_jitter_moves_marks_by_about_the_configured_pixels():
     points = pixels_to_norm(POINTS_PX, SIZE)
-    augment = AugmentConfig(mark_jitter_px=1.5, mark_drop_prob=0, spurious_mark_prob=0)
+    augment = AugmentConfig(
+        mark_jitter_px=1.5, mark_drop_prob=0, spurious_mark_prob=0, **CLEAN_IMAGES
+    )
     offsets = []
     for seed in range(200):
         marks, dropped = augment_marks(points, 4, augment, SIZE, 0.5, rng(seed))
@@ -101,7 +107,9 @@ def test_jitter_moves_marks_by_about_the_configured_pixels():
 
 
 def test_dropped_marks_become_unmarked_but_never_at_k_equals_n():
-    augment = AugmentConfig(mark_jitter_px=0, mark_drop_prob=1.0, spurious_mark_prob=0)
+    augment = AugmentConfig(
+        mark_jitter_px=0, mark_drop_prob=1.0, spurious_mark_prob=0, **CLEAN_IMAGES
+    )
     ks = np.array([3, 5])
     steps = steps_of(rng(), augment=augment, ks=ks)
     assert len(steps.mark_points[0]) == 0  # every mark of k=3 dropped
@@ -114,7 +122,9 @@ def test_dropped_marks_become_unmarked_but_never_at_k_equals_n():
 
 def test_spurious_marks_land_away_from_every_object():
     points = pixels_to_norm(POINTS_PX, SIZE)
-    augment = AugmentConfig(mark_jitter_px=0, mark_drop_prob=0, spurious_mark_prob=1.0)
+    augment = AugmentConfig(
+        mark_jitter_px=0, mark_drop_prob=0, spurious_mark_prob=1.0, **CLEAN_IMAGES
+    )
     clearance = 0.4
     for seed in range(50):
         marks, _ = augment_marks(points, 2, augment, SIZE, clearance, rng(seed))
