@@ -108,12 +108,20 @@ def left_density(points: Tensor, unmarked: Tensor, grid: int, sigma_cells: float
     return (blobs * weights).sum(dim=1).view(b, grid, grid)
 
 
+# A unit-mass Gaussian of sigma 1 cell has sum(D^2) = 1 / (4 pi) ~ 0.08: left alone, a map
+# that spreads an object evenly costs 12x less than one object miscounted, and training
+# learns the total but not where (measured: a flat map, max 0.03 per cell). Weighting the
+# cells by 25 makes "where" count about twice "how many".
+CELL_WEIGHT = 25.0
+
+
 def count_loss(left_map: Tensor, density: Tensor) -> Tensor:
-    """Per step ``[B]``: squared error of the map summed over the grid, plus the absolute
-    error of its total (the number of objects left), so both where and how many are taught."""
+    """Per step ``[B]``: the map's squared error over the grid (weighted by
+    :data:`CELL_WEIGHT`) plus the absolute error of its total, the number of objects left,
+    so both where and how many are taught."""
     per_cell = ((left_map - density) ** 2).sum(dim=(1, 2))
     total = (left_map.sum(dim=(1, 2)) - density.sum(dim=(1, 2))).abs()
-    return per_cell + total
+    return CELL_WEIGHT * per_cell + total
 
 
 def nearest_unmarked_targets(pred_xy: Tensor, points: Tensor, valid: Tensor) -> Tensor:
