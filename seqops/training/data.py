@@ -25,9 +25,10 @@ from seqops.data.manifest import (
     read_dataset_info,
     read_manifest,
 )
-from seqops.data.sampling import sample_image_steps
+from seqops.data.sampling import ImageSteps, sample_image_steps
 from seqops.imaging import load_image, normalize_pixels, render_exemplar_mask
 from seqops.model import ModelSpec
+from seqops.training.loop_states import loop_steps, replace_tail
 from seqops.transforms import augment_image
 
 # Validation steps come from this fixed seed, whatever train.seed is, so val/loss compares
@@ -112,6 +113,11 @@ class StepDataset(Dataset):
         self.grid, self.mark_sigma, self.exemplars = spec.grid, spec.mark_sigma, spec.exemplars
         self.seed = seed
         self.epoch = 0
+        # The model's own loop on some images (train.loop_share): index -> points found, model
+        # px; set by the training loop each epoch, so these steps follow the current model.
+        self.loop_points: dict[int, np.ndarray] = {}
+        self.loop_share = train.loop_share if augment else 0.0
+        self.loop_radius_px = train.loop_match_px
 
     def set_epoch(self, epoch: int) -> None:
         """Training draws depend on the epoch (set before each epoch's iterator)."""
@@ -158,6 +164,8 @@ class StepDataset(Dataset):
             augment=self.augment,
             shuffle=self.shuffle,
         )
+        if index in self.loop_points:
+            steps = self._with_loop_steps(steps, index, rng)
         item = {
             "image": normalize_pixels(self.image_pixels(index, rng)),
             "marks": steps.marks[:, None],
@@ -170,6 +178,19 @@ class StepDataset(Dataset):
         if self.exemplars:
             item["exemplar_mask"] = self.exemplar_mask(index)
         return item
+
+    def _with_loop_steps(self, steps: ImageSteps, index: int, rng) -> ImageSteps:
+        """Replace the last ``loop_share`` of the steps (uniform-k ones; the done steps come
+        first) with states of the model's own loop on this image."""
+        count = min(round(self.loop_share * len(steps.k)), len(steps.k))
+        if count == 0:
+            return steps
+        loop = loop_steps(
+            self.records[index].points_array(), self.loop_points[index], rng, count=count,
+            image_size=self.image_size, grid=self.grid, mark_sigma=self.mark_sigma,
+            radius_px=self.loop_radius_px,
+        )  # fmt: skip
+        return replace_tail(steps, loop)
 
 
 def collate_steps(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

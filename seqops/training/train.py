@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
 from seqops.config import Params, TrainConfig
+from seqops.imaging import norm_to_pixels
 from seqops.io import atomic_write_json
 from seqops.model import SeqCounter, StepOutput, spec_from_params
 from seqops.tracking import TrackedRun, start_run
@@ -56,6 +57,7 @@ from seqops.training.validation import (
     draw_rollout_pictures,
     draw_val_pictures,
     reduce_losses,
+    rollout,
     validate,
 )
 
@@ -218,6 +220,8 @@ def train_epochs(run: Run) -> str:
         if state.stopper.should_stop:  # a resumed run that had already stopped
             return "early_stopping"
         epoch_started = time.perf_counter()
+        if cfg.loop_share > 0 and epoch > 1:
+            refresh_loop_points(run)
         row = {"epoch": epoch, **train_one_epoch(run, epoch)}
         found: list[np.ndarray] = []
         if main:
@@ -257,6 +261,32 @@ class ManyStepNet(nn.Module):
     ) -> StepOutput:
         features = self.model.encode(images, exemplar_mask)
         return self.model.step(features.index_select(0, step_image), marks)
+
+
+# Images per rollout batch when the loop's own states are collected (train.loop_share).
+LOOP_BATCH = 32
+
+
+@torch.no_grad()
+def refresh_loop_points(run: Run) -> None:
+    """Run the current model's loop (as served: eval mode, the export's done threshold) on
+    the training images and hand the points found to the dataset, whose steps then include
+    the states that loop visits (``train.loop_share``)."""
+    ds, model, params = run.train_ds, run.state.model, run.params
+    model.eval()
+    max_steps = 2 * params.prepare.max_objects
+    found: dict[int, np.ndarray] = {}
+    for start in range(0, len(ds), LOOP_BATCH):
+        index = range(start, min(start + LOOP_BATCH, len(ds)))
+        masks = np.stack([ds.exemplar_mask(i) for i in index]) if ds.exemplars else None
+        points = rollout(
+            model, ds.pixels[index.start : index.stop], masks, max_steps, run.device,
+            params.evaluate.done_threshold,
+        )  # fmt: skip
+        for i, norm in zip(index, points, strict=True):
+            found[i] = norm_to_pixels(norm, ds.image_size)
+    ds.loop_points = found
+    model.train()
 
 
 def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:

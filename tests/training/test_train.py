@@ -28,6 +28,7 @@ from seqops.training.runtime import DistInfo
 from seqops.training.train import (
     Run,
     check_gradients,
+    refresh_loop_points,
     run_train,
     save_epoch,
     set_up,
@@ -117,6 +118,23 @@ def test_an_epoch_saved_by_save_epoch_is_resumed_by_set_up(tiny_dataset, tmp_pat
     trained = run.state.model.state_dict()
     for name, value in resumed.state.model.state_dict().items():
         torch.testing.assert_close(value, trained[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.slow
+def test_the_loop_own_states_reach_the_training_batches(tiny_dataset, tmp_path):
+    run = set_up_on_cpu(shrink_params(*PLAIN, "train.loop_share=0.5"), tiny_dataset, tmp_path)
+    refresh_loop_points(run)
+    ds = run.train_ds
+    assert sorted(ds.loop_points) == list(range(len(ds)))
+    assert run.state.model.training  # put back in training mode after the rollout
+    item = ds[0]
+    k = run.params.sampling.steps_per_image
+    loop = ds.loop_points[0]
+    # the last steps hold the loop's marks: the final one all of its points
+    final_marks = render_marks(pixels_to_norm(loop, ds.image_size), ds.grid, ds.mark_sigma)
+    np.testing.assert_allclose(item["marks"][k - 1, 0], final_marks, atol=1e-6)
+    metrics = train_one_epoch(run, epoch=2)
+    assert math.isfinite(metrics["train/loss"])
 
 
 @pytest.mark.slow
