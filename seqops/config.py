@@ -99,6 +99,7 @@ class ModelConfig(_Section):
     # needs a positional prepare.order (not nearest_neighbor).
     order_prior: Literal["none", "scan"]
     count_head: bool  # a map of the objects left, whose sum the done head sees
+    count_prior: bool  # the count head's density added to the heat map (needs count_head)
 
 
 class LossConfig(_Section):

@@ -78,6 +78,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 _DONE_PRIOR_LOGIT = -2.0
 # softplus(-4) ~ 0.018 per cell: the count map starts near empty, not at ~0.7 per cell.
 _LEFT_PRIOR = -4.0
+# log(density + floor): a cell the density calls empty lowers the heat by log(1e-3) ~ -7,
+# not by -inf, so the heat map can still point where the density missed an object.
+_COUNT_PRIOR_FLOOR = 1e-3
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,10 @@ class ModelSpec:
     # A map of the objects still unmarked (trained against their density), whose sum the
     # done head sees: done should not fire while the map says objects are left.
     count_head: bool = False
+    # With the count head: its density is added (as a log) to the heat map's logits, so the
+    # next point lands where the density sees an unmarked object (a detector's recall in
+    # clusters, the step choosing among its proposals in order).
+    count_prior: bool = False
 
     def __post_init__(self) -> None:
         def fail(field: str, why: str) -> None:
@@ -135,6 +142,8 @@ class ModelSpec:
             fail("peak_window", "must be >= 0 (0: the whole grid)")
         if self.head not in HEADS:
             fail("head", f"must be one of {HEADS}")
+        if self.count_prior and not self.count_head:
+            fail("count_prior", "needs count_head (the density it adds to the heat map)")
         if self.order_prior not in ORDER_PRIORS:
             fail("order_prior", f"must be one of {ORDER_PRIORS}")
         if self.order not in ORDERS:
@@ -208,6 +217,7 @@ def spec_from_params(params: Params) -> ModelSpec:
         mark_sigma=model.mark_sigma,
         order_prior=model.order_prior,
         count_head=model.count_head,
+        count_prior=model.count_prior,
         order=params.prepare.order,
         row_height=params.prepare.row_height,
     )
@@ -393,7 +403,7 @@ class _Step(nn.Module):
             nn.init.normal_(self.objects.weight, std=1e-3)
             nn.init.constant_(self.objects.bias, _SCAN_PRIOR_LOGIT)
             self.scan_weight = nn.Parameter(torch.ones(()))
-        self.count_head = spec.count_head
+        self.count_head, self.count_prior = spec.count_head, spec.count_prior
         if spec.count_head:
             self.left = nn.Conv2d(s, 1, 1)
             nn.init.normal_(self.left.weight, std=1e-3)
@@ -421,6 +431,8 @@ class _Step(nn.Module):
         if self.count_head:
             left_map = self._conv1(self.left, h, F.softplus)
             done_in = torch.cat([pooled, torch.log1p(left_map.sum(dim=(1, 2)))[:, None]], dim=1)
+            if self.count_prior:
+                heat_logits = heat_logits + torch.log(left_map + _COUNT_PRIOR_FLOOR)
         done_logit = self.done(done_in).squeeze(1)
         if self.head_kind == "pooled":
             xy = self.xy_mlp(pooled)

@@ -318,7 +318,10 @@ def _export(module: torch.nn.Module, args: tuple, names: list[str], outs: list[s
 )
 def test_onnx_export_matches_torch(tmp_path, order_prior: str, count_head: bool) -> None:
     ort = pytest.importorskip("onnxruntime")
-    model = _build("tiny", 64, exemplars=True, order_prior=order_prior, count_head=count_head)
+    model = _build(
+        "tiny", 64, exemplars=True, order_prior=order_prior, count_head=count_head,
+        count_prior=count_head,
+    )  # fmt: skip
     torch.manual_seed(1)
     # Non-trivial random weights: a peaked heat map and BN statistics that are not identity.
     torch.nn.init.normal_(model.stepper.heat.weight, std=1.0)
