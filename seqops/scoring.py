@@ -211,24 +211,36 @@ def reliability_table(
 ) -> list[dict[str, float]]:
     """Per equal-width bin of predicted done probability: the steps in it, their mean
     predicted probability and the observed done rate (NaN for an empty bin)."""
-    probs = np.asarray(probs, np.float64)
-    labels = np.asarray(labels, np.float64)
-    if probs.shape != labels.shape:
-        raise ValueError(f"calibration: {probs.shape} probabilities vs {labels.shape} labels")
-    edges, index = _bin(probs, bins)
-    table = []
-    for i in range(bins):
-        inside = index == i
-        table.append(
-            {
-                "bin_lower": float(edges[i]),
-                "bin_upper": float(edges[i + 1]),
-                "steps": int(inside.sum()),
-                "mean_done_prob": _mean(probs[inside]),
-                "observed_done_rate": _mean(labels[inside]),
-            }
-        )
-    return table
+    return _binned(
+        probs, labels, bins, ("steps", "mean_done_prob", "observed_done_rate"), "calibration"
+    )
+
+
+def _binned(
+    predicted: Sequence[float],
+    observed: Sequence[float],
+    bins: int,
+    names: tuple[str, str, str],
+    what: str,
+) -> list[dict[str, float]]:
+    """A reliability table: per equal-width bin of ``predicted``, how many fall in it, their
+    mean and the mean of ``observed`` (NaN for an empty bin), under ``names``."""
+    predicted = np.asarray(predicted, np.float64)
+    observed = np.asarray(observed, np.float64)
+    if predicted.shape != observed.shape:
+        raise ValueError(f"{what}: {predicted.shape} values vs {observed.shape} labels")
+    edges, index = _bin(predicted, bins)
+    count, mean, rate = names
+    return [
+        {
+            "bin_lower": float(edges[i]),
+            "bin_upper": float(edges[i + 1]),
+            count: int((index == i).sum()),
+            mean: _mean(predicted[index == i]),
+            rate: _mean(observed[index == i]),
+        }
+        for i in range(bins)
+    ]
 
 
 def calibration_metrics(
@@ -286,21 +298,9 @@ def confidence_reliability(
 ) -> list[dict[str, float]]:
     """Per equal-width bin of ``count_confidence``: the images in it, their mean confidence
     and the share of them counted exactly (NaN for an empty bin)."""
-    confidence = np.asarray(confidence, np.float64)
-    exact = np.asarray(exact, np.float64)
-    if confidence.shape != exact.shape:
-        raise ValueError(f"confidence: {confidence.shape} values vs {exact.shape} labels")
-    edges, index = _bin(confidence, bins)
-    return [
-        {
-            "bin_lower": float(edges[i]),
-            "bin_upper": float(edges[i + 1]),
-            "images": int((index == i).sum()),
-            "mean_confidence": _mean(confidence[index == i]),
-            "exact_share": _mean(exact[index == i]),
-        }
-        for i in range(bins)
-    ]
+    return _binned(
+        confidence, exact, bins, ("images", "mean_confidence", "exact_share"), "confidence"
+    )
 
 
 def review_trade_off(
