@@ -421,15 +421,13 @@ class _Step(nn.Module):
 
     def forward(self, features: Tensor, marks: Tensor) -> StepOutput:
         h = self.blocks(F.relu(features + self.mark_in(marks)))
-        # The 1x1 conv to one channel as a matrix product: same weights, ~6x faster on CPU.
-        weight = self.heat.weight.view(1, -1)
-        heat_logits = (weight @ h.flatten(2)).view(h.shape[0], *h.shape[2:]) + self.heat.bias
+        heat_logits = self._conv1(self.heat, h)
         if self.order_prior == "scan":
             heat_logits = heat_logits - self.scan_weight * self._mass_before(h)
         pooled = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
         done_in, left_map = pooled, None
         if self.count_head:
-            left_map = self._conv1(self.left, h, F.softplus)
+            left_map = F.softplus(self._conv1(self.left, h))
             done_in = torch.cat([pooled, torch.log1p(left_map.sum(dim=(1, 2)))[:, None]], dim=1)
             if self.count_prior:
                 heat_logits = heat_logits + torch.log(left_map + _COUNT_PRIOR_FLOOR)
@@ -441,10 +439,10 @@ class _Step(nn.Module):
         return StepOutput(xy=xy, done_logit=done_logit, heat_logits=heat_logits, left_map=left_map)
 
     @staticmethod
-    def _conv1(conv: nn.Conv2d, h: Tensor, activation) -> Tensor:
-        """A 1x1 conv to one channel as a matrix product (faster on CPU), ``[B, g, g]``."""
-        out = (conv.weight.view(1, -1) @ h.flatten(2)).view(h.shape[0], *h.shape[2:])
-        return activation(out + conv.bias)
+    def _conv1(conv: nn.Conv2d, h: Tensor) -> Tensor:
+        """A 1x1 conv to one channel as a matrix product, ``[B, g, g]``: the same weights,
+        ~6x faster on CPU than the convolution."""
+        return (conv.weight.view(1, -1) @ h.flatten(2)).view(h.shape[0], *h.shape[2:]) + conv.bias
 
     def _mass_before(self, h: Tensor) -> Tensor:
         """``[B, g, g]``: the learned unmarked-object mass of the cells before each cell in

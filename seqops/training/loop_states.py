@@ -41,17 +41,18 @@ def loop_steps(
     js = rng.integers(0, len(loop) + 1, size=count)
     if count:
         js[-1] = len(loop)
+    distances = pairwise_distances(loop, points)  # each state's marks are its first rows
+    loop_norm, points_norm = pixels_to_norm(loop, image_size), pixels_to_norm(points, image_size)
     maps, mark_points = [], []
     target = np.zeros((count, 2), np.float32)
     unmarked = np.ones((count, len(points)), bool)
     for i, j in enumerate(js):
-        _, found = max_matching(pairwise_distances(loop[:j], points), radius_px)
+        _, found = max_matching(distances[:j], radius_px)
         unmarked[i, found] = False
-        marks = pixels_to_norm(loop[:j], image_size)
-        maps.append(render_marks(marks, grid, mark_sigma))
-        mark_points.append(marks)
+        maps.append(render_marks(loop_norm[:j], grid, mark_sigma))
+        mark_points.append(loop_norm[:j])
         if unmarked[i].any():
-            target[i] = pixels_to_norm(points[np.argmax(unmarked[i])][None], image_size)[0]
+            target[i] = points_norm[np.argmax(unmarked[i])]
     return ImageSteps(
         k=np.asarray(js, np.int64),
         marks=np.stack(maps) if maps else np.zeros((0, grid, grid), np.float32),

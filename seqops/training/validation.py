@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -85,11 +86,15 @@ def reduce_losses(step: StepLosses, cfg: TrainConfig) -> dict[str, Tensor]:
     mse = (step.mse * weight).sum() / live_steps
     done = step.done.mean()
     count = step.count.mean()
-    loss = (
-        spatial + cfg.loss.w_heatmap * heatmap + cfg.loss.w_done * done + cfg.loss.w_count * count
-    )
+    return loss_terms(cfg, spatial, heatmap, done, count, mse)
+
+
+def loss_terms(cfg: TrainConfig, spatial, heatmap, done, count, mse) -> dict[str, Any]:
+    """The logged terms and their weighted sum ``loss`` (tensors in training, floats in
+    validation): the one place the terms are weighted."""
+    w = cfg.loss
     return {
-        "loss": loss,
+        "loss": spatial + w.w_heatmap * heatmap + w.w_done * done + w.w_count * count,
         "loss_spatial": spatial,
         "loss_done": done,
         "loss_heatmap": heatmap,
@@ -141,15 +146,7 @@ class ValAccumulator:
         spatial = self.sums["spatial"] / live
         heatmap = self.sums["heatmap"] / live
         done, count = self.sums["done"] / steps, self.sums["count"] / steps
-        loss = self.cfg.loss
-        metrics = {
-            "loss": spatial + loss.w_heatmap * heatmap + loss.w_done * done + loss.w_count * count,
-            "loss_spatial": spatial,
-            "loss_done": done,
-            "loss_heatmap": heatmap,
-            "loss_count": count,
-            "mse": self.sums["mse"] / live,
-        }
+        metrics = loss_terms(self.cfg, spatial, heatmap, done, count, self.sums["mse"] / live)
         err = np.concatenate(self.px_err) if self.px_err else np.zeros(0)
         if len(err):
             metrics["px_err_mean"] = float(err.mean())
