@@ -1,4 +1,5 @@
-"""The ``seqops`` command: a thin adapter around each stage's pure core.
+"""Count objects in images one at a time, and run the pipeline that makes the model:
+prepare data, train, export to ONNX, evaluate, serve over HTTP.
 
 Every stage command takes ``--params FILE`` and repeatable ``--set section.key=value``
 overrides (the syntax of ``dvc exp run -S``); paths are arguments, named once in
@@ -19,24 +20,52 @@ from seqops.config import DEFAULT_PARAMS_PATH, ConfigError, Params, load_params
 log = logging.getLogger("seqops")
 
 
-def add_overrides_argument(parser: argparse.ArgumentParser) -> None:
-    """Repeatable ``--set KEY=VALUE`` (into ``args.overrides``), for :func:`load_params`."""
+EPILOG = """examples:
+  seqops predict examples/shapes.png --out outputs/predict   count a sample image
+  seqops serve                                               HTTP API on 127.0.0.1:8000
+  seqops data stats                                          the prepared dataset in short
+  dvc repro                                                  the pipeline (with .venv/bin on PATH)
+
+`seqops COMMAND --help` describes each command; the README walks through them."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's default in its help (when it has one worth showing), and descriptions
+    and epilogs as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if action.default in (None, False, [], argparse.SUPPRESS) or "%(default)" in help_text:
+            return help_text
+        return f"{help_text} (default: %(default)s)"
+
+
+def add_parser(sub: argparse._SubParsersAction, name: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand whose help shows the defaults."""
+    return sub.add_parser(name, formatter_class=HelpFormatter, **kwargs)
+
+
+def add_overrides_argument(parser: argparse.ArgumentParser, example: str) -> None:
+    """Repeatable ``--set KEY=VALUE`` (into ``args.overrides``), for :func:`load_params`;
+    ``example`` is an override this command reads."""
     parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a parameter, e.g. --set prepare.num_train=200 (repeatable; values are YAML)",
+        help=f"override a parameter for this run only, e.g. --set {example} (repeatable; "
+        "values are YAML; params.yaml is not changed)",
     )
 
 
-def add_params_arguments(parser: argparse.ArgumentParser) -> None:
+def add_params_arguments(parser: argparse.ArgumentParser, example: str) -> None:
     """``--params FILE`` and the ``--set`` overrides of every stage command."""
-    parser.add_argument(
-        "--params", type=Path, default=DEFAULT_PARAMS_PATH, help="parameter file (params.yaml)"
-    )
-    add_overrides_argument(parser)
+    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS_PATH, help="parameter file")
+    add_overrides_argument(parser, example)
+
+
+DEVICE_HELP = "auto: CUDA where it really works, else the CPU"
 
 
 def _params(args: argparse.Namespace) -> Params:
@@ -52,17 +81,27 @@ def _print_json(obj: object) -> None:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from seqops.data.prepare import run_prepare
+    from seqops.data.summary import stats_text
 
     stats = run_prepare(_params(args), out_dir=args.out)
-    _print_json(stats)
+    if args.json:
+        _print_json(stats)
+    else:
+        print(stats_text(stats, str(args.out)))
     return 0
 
 
 def cmd_data_stats(args: argparse.Namespace) -> int:
+    from seqops.data.summary import stats_text
+
     stats_path = Path(args.dataset) / "stats.json"
     if not stats_path.is_file():
         raise ConfigError(f"{stats_path}: not found (run `seqops prepare` first)")
-    _print_json(json.loads(stats_path.read_text()))
+    stats = json.loads(stats_path.read_text())
+    if args.json:
+        _print_json(stats)
+    else:
+        print(stats_text(stats, str(args.dataset)))
     return 0
 
 
@@ -70,25 +109,48 @@ def cmd_data_balance(args: argparse.Namespace) -> int:
     from seqops.data.balance import report_balance
 
     report = report_balance(args.dataset, args.split, _params(args).sampling)
-    print(report.text())
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        print(report.text())
     return 0
 
 
+def _add_json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON (for scripts) instead of text")
+
+
 def _register_data(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("prepare", help="prepare a dataset (the `prepare` DVC stage)")
-    add_params_arguments(p)
+    p = add_parser(
+        sub,
+        "prepare",
+        help="prepare a dataset (the `prepare` DVC stage)",
+        description="Read prepare.source (synthetic scenes, FSC-147 or COCO), order each "
+        "image's points, resize to the model input and write the dataset to --out; print a "
+        "summary (stats.json holds it in full).",
+    )
+    add_params_arguments(p, "prepare.num_train=200")
     p.add_argument("--out", type=Path, default=Path("data/prepared"), help="dataset directory")
+    _add_json_flag(p)
     p.set_defaults(func=cmd_prepare)
 
-    data = sub.add_parser("data", help="inspect prepared datasets")
+    data = add_parser(sub, "data", help="inspect prepared datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    p = data_sub.add_parser("stats", help="print a prepared dataset's stats.json")
+    p = add_parser(
+        data_sub, "stats", help="a prepared dataset in short: images, objects, skipped items"
+    )
     p.add_argument("dataset", type=Path, nargs="?", default=Path("data/prepared"))
+    _add_json_flag(p)
     p.set_defaults(func=cmd_data_stats)
-    p = data_sub.add_parser("balance", help="done=1 share under the training sampling settings")
-    add_params_arguments(p)
+    p = add_parser(
+        data_sub,
+        "balance",
+        help="the share of done=1 training steps under the sampling settings",
+    )
+    add_params_arguments(p, "sampling.done_share=0.3")
     p.add_argument("dataset", type=Path, nargs="?", default=Path("data/prepared"))
-    p.add_argument("--split", default="train")
+    p.add_argument("--split", default="train", help="a split of the dataset")
+    _add_json_flag(p)
     p.set_defaults(func=cmd_data_balance)
 
 
@@ -104,7 +166,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         out_dir=args.out,
         metrics_path=args.metrics,
         plots_path=args.plots,
-        resume=args.resume,
+        resume=args.resume,  # None: train.resume
         track=not args.no_mlflow,
     )
     if metrics:  # empty on torchrun ranks other than 0
@@ -113,25 +175,27 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _register_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = add_parser(
+        sub,
         "train",
         help="train the network (the `train` DVC stage; under torchrun: DDP)",
         description="Train on a prepared dataset; write best.pt, last.pt and train_run.json "
         "under --out, the metrics JSON and the per-epoch plots CSV; log the run to MLflow "
         "($MLFLOW_TRACKING_URI, default sqlite:///mlflow.db).",
     )
-    add_params_arguments(p)
+    add_params_arguments(p, "train.epochs=3")
     p.add_argument("--data", type=Path, default=Path("data/prepared"), help="prepared dataset")
     p.add_argument("--out", type=Path, default=Path("models"), help="checkpoint directory")
-    p.add_argument("--metrics", type=Path, default=Path("metrics/train.json"))
+    p.add_argument(
+        "--metrics", type=Path, default=Path("metrics/train.json"), help="best epoch's metrics"
+    )
     p.add_argument("--plots", type=Path, default=Path("plots/train.csv"), help="per-epoch CSV")
     p.add_argument(
         "--resume",
         choices=("auto", "never", "require"),
-        default="auto",
-        help="auto: continue from <out>/last.pt when it matches the params and data "
-        "(e.g. after a kill, or with more train.epochs); never: start afresh; "
-        "require: fail unless it can resume",
+        help="overrides train.resume: auto continues <out>/last.pt when it matches the params "
+        "and data and has fewer than train.epochs epochs (after a kill, or with more epochs); "
+        "never starts afresh; require fails unless it can resume",
     )
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     p.set_defaults(func=cmd_train)
@@ -157,7 +221,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _register_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = add_parser(
+        sub,
         "export",
         help="export the best checkpoint to ONNX (the `export` DVC stage)",
         description="Export encoder.onnx + step.onnx + model.json to --out (atomically), after "
@@ -165,8 +230,10 @@ def _register_export(sub: argparse._SubParsersAction) -> None:
         "val split of --data; log the model into the training run with MLflow's ONNX "
         "flavour, register it as `seqops` with alias `candidate`.",
     )
-    add_params_arguments(p)
-    p.add_argument("--checkpoint", type=Path, default=Path("models/best.pt"))
+    add_params_arguments(p, "export.opset=18")
+    p.add_argument(
+        "--checkpoint", type=Path, default=Path("models/best.pt"), help="trained checkpoint"
+    )
     p.add_argument("--run", type=Path, default=Path("models/train_run.json"), help="train run")
     p.add_argument("--out", type=Path, default=Path("models/onnx"), help="model directory")
     # No default: a dataset other than the checkpoint's would calibrate silently wrong.
@@ -176,7 +243,9 @@ def _register_export(sub: argparse._SubParsersAction) -> None:
         help="prepared dataset whose val split calibrates count_confidence (dvc.yaml: "
         "data/prepared); without it, count_confidence is the uncalibrated stop probability",
     )
-    p.add_argument("--metrics", type=Path, default=Path("metrics/export.json"))
+    p.add_argument(
+        "--metrics", type=Path, default=Path("metrics/export.json"), help="export facts JSON"
+    )
     p.add_argument("--no-mlflow", action="store_true", help="do not log/register in MLflow")
     p.set_defaults(func=cmd_export)
 
@@ -201,7 +270,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _register_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = add_parser(
+        sub,
         "evaluate",
         help="evaluate the exported model through the ONNX predictor (the `evaluate` stage)",
         description="Count every image of a split with the onnxruntime predictor; write the "
@@ -209,14 +279,19 @@ def _register_evaluate(sub: argparse._SubParsersAction) -> None:
         "review curve) and a report with the worst images; log test/<metric> into the model's "
         "training run.",
     )
-    add_params_arguments(p)
+    add_params_arguments(p, "evaluate.match_radius_px=8")
     p.add_argument("--model", default="models/onnx", help="model directory or models:/ URI")
     p.add_argument("--data", type=Path, default=Path("data/prepared"), help="prepared dataset")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
-    p.add_argument("--metrics", type=Path, default=Path("metrics/evaluate.json"))
+    p.add_argument(
+        "--metrics",
+        type=Path,
+        default=Path("metrics/evaluate.json"),
+        help="headline metrics JSON (every metric: metrics.json in --out)",
+    )
     p.add_argument("--plots", type=Path, default=Path("plots/evaluate"), help="plots directory")
     p.add_argument("--out", type=Path, default=Path("reports/evaluate"), help="report directory")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help=DEVICE_HELP)
     p.add_argument("--batch-size", type=int, default=8, help="images per predictor batch")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     p.set_defaults(func=cmd_evaluate)
@@ -238,20 +313,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def _register_predict(sub: argparse._SubParsersAction) -> None:
     from seqops.contract import DEFAULT_MAX_OBJECTS  # here: not a dep of every stage
+    from seqops.predict import CHAMPION_URI, LOCAL_MODEL_DIR, MODEL_ENV
 
-    p = sub.add_parser(
+    p = add_parser(
+        sub,
         "predict",
         help="count the objects in images (JSON per image on stdout)",
         description="Count the objects in each image with the exported model (onnxruntime, "
         "no torch): one JSON line per image on stdout (count, count_confidence, points in the "
-        "image's own pixels, per-step done probability, timings); with --out, an annotated "
-        "PNG per image.",
+        "image's own pixels, per-step done probability, the model's name and version, "
+        "timings); with --out, an annotated PNG per image.",
     )
     p.add_argument("images", nargs="+", type=Path, help="PNG/JPEG files")
     p.add_argument(
         "--model",
-        default="models/onnx",
-        help="model directory or MLflow URI (models:/seqops@champion)",
+        help=f"model directory or MLflow URI; default: ${MODEL_ENV}, else {CHAMPION_URI} when "
+        f"a champion exists, else {LOCAL_MODEL_DIR} (as seqops serve)",
     )
     p.add_argument("--out", type=Path, help="write <out>/<image stem>.png with numbered points")
     p.add_argument(
@@ -259,11 +336,11 @@ def _register_predict(sub: argparse._SubParsersAction) -> None:
         help="exemplar boxes for a model trained with them, in image pixels: JSON (or a JSON "
         "file) holding [[x1, y1, x2, y2], ...] for every image, or {image: boxes}",
     )
+    p.add_argument("--max-objects", type=int, default=DEFAULT_MAX_OBJECTS, help="loop guard")
     p.add_argument(
-        "--max-objects", type=int, default=DEFAULT_MAX_OBJECTS, help="loop guard (%(default)s)"
+        "--done-threshold", type=float, help="stop when done exceeds it; None: the model's own"
     )
-    p.add_argument("--done-threshold", type=float, help="default: the model's own")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_predict)
 
 
@@ -281,7 +358,7 @@ def _register_serve(sub: argparse._SubParsersAction) -> None:
     # the library does not repeat them; `seqops serve --help` shows them.
     p = sub.add_parser(
         "serve",
-        help="serve the exported model over HTTP (simple API, KServe v2, metrics)",
+        help="serve the model over HTTP (simple API, KServe v2, metrics); --help for its flags",
         add_help=False,
     )
     p.set_defaults(func=cmd_serve)
@@ -291,7 +368,12 @@ def _register_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="seqops", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="seqops",
+        description=__doc__.split("\n\n")[0].replace("\n", " "),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _register_data(sub)

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from seqops.config import SamplingConfig
-from seqops.data.manifest import manifest_path, read_manifest
+from seqops.data.manifest import DatasetError, manifest_path, read_manifest
 from seqops.data.sampling import done_steps
 
 RARE_SHARE = 0.10  # below this share of done = 1 examples, the report warns
@@ -65,6 +65,13 @@ class BalanceReport:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def _floor_note(self) -> str:
+        # The sampler never drops an image's done step (seqops.data.sampling.done_steps), so
+        # a done_share below 1/steps_per_image still gives one: say so, or the figure surprises.
+        if self.done_steps > round(self.done_share_setting * self.steps_per_image):
+            return ", at least one per image"
+        return ""
+
     def text(self) -> str:
         """A human-readable report (what ``seqops data balance`` prints)."""
         lines = [f"done balance of {self.dataset_dir} [{self.split}]: {self.num_images} images"]
@@ -74,7 +81,7 @@ class BalanceReport:
                 f"min {self.objects_min}, max {self.objects_max}",
                 f"  done=1 share, training sampling (steps_per_image={self.steps_per_image}, "
                 f"done_share={self.done_share_setting:g} -> {self.done_steps} of "
-                f"{self.steps_per_image} steps): {self.sampled_share:.1%}",
+                f"{self.steps_per_image} steps{self._floor_note()}): {self.sampled_share:.1%}",
                 "  done=1 share, research sampling (one uniform k in [0, N] per image): "
                 f"{self.research_share:.1%}",
             ]
@@ -119,8 +126,18 @@ def balance_of_counts(
     )
 
 
+def require_split(dataset_dir: str | Path, split: str) -> None:
+    """Fail, naming the split and the dataset's splits, when ``split`` is not one of them."""
+    splits = sorted(p.stem for p in Path(dataset_dir).glob("*.jsonl"))
+    if not splits:
+        raise DatasetError(f"{dataset_dir}: no prepared splits (run `seqops prepare` first)")
+    if split not in splits:
+        raise DatasetError(f"--split {split!r}: {dataset_dir} has the splits {', '.join(splits)}")
+
+
 def report_balance(dataset_dir: str | Path, split: str, sampling: SamplingConfig) -> BalanceReport:
     """Report the done balance of ``split`` of a prepared dataset under ``sampling``."""
+    require_split(dataset_dir, split)
     records = read_manifest(manifest_path(dataset_dir, split))
     counts = [r.num_objects for r in records]
     return balance_of_counts(counts, sampling, str(dataset_dir), split)

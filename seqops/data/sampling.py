@@ -181,4 +181,3 @@ def _mark_first(
         marks, left = augment_marks(ordered, k, augment, image_size, clearance, rng)
     left[k:] = True
     return marks, left
-

@@ -1,5 +1,7 @@
 """The done-balance check (`seqops data balance`)."""
 
+import json
+
 import pytest
 import yaml
 from conftest import ROOT
@@ -73,8 +75,20 @@ def test_empty_split_warns_and_missing_manifest_is_an_error(tmp_path):
     sampling = SamplingConfig(steps_per_image=8, done_share=0.2)
     report = report_balance(_dataset(tmp_path, [], split="val"), "val", sampling)
     assert report.num_images == 0 and "no images" in report.warning
-    with pytest.raises(ValueError, match=r"test.jsonl: manifest not found"):
+    # A split the dataset does not have is named, with the ones it has.
+    with pytest.raises(ValueError, match=r"--split 'test': .* has the splits val$"):
         report_balance(tmp_path, "test", sampling)
+    with pytest.raises(ValueError, match="no prepared splits"):
+        report_balance(tmp_path / "nowhere", "train", sampling)
+
+
+def test_a_done_share_below_one_step_still_gives_one_and_says_so(tmp_path):
+    dataset = _dataset(tmp_path, [20, 21, 22])
+    report = report_balance(dataset, "train", SamplingConfig(steps_per_image=8, done_share=0.0))
+    assert report.sampled_share == pytest.approx(1 / 8)
+    assert "done_share=0 -> 1 of 8 steps, at least one per image): 12.5%" in report.text()
+    plain = report_balance(dataset, "train", SamplingConfig(steps_per_image=8, done_share=0.25))
+    assert "at least one" not in plain.text()
 
 
 def test_cli_prints_the_report(tmp_path, capsys):
@@ -89,3 +103,12 @@ def test_cli_prints_the_report(tmp_path, capsys):
     code = main(["data", "balance", str(dataset), "--params", str(params),
                  "--set", "sampling.done_share=0.25"])  # fmt: skip
     assert code == 0 and "WARNING" not in capsys.readouterr().out
+
+
+def test_cli_names_a_bogus_split_and_prints_json_on_request(tmp_path, capsys):
+    dataset = _dataset(tmp_path / "ds", [20, 21, 22])
+    assert main(["data", "balance", str(dataset), "--split", "bogus"]) == 2
+    assert "--split 'bogus': " in capsys.readouterr().err
+    assert main(["data", "balance", str(dataset), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["split"] == "train" and report["num_images"] == 3

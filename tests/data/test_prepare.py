@@ -8,6 +8,7 @@ import pytest
 from conftest import shrink_params
 from PIL import Image
 
+from seqops.cli import main
 from seqops.config import PrepareConfig
 from seqops.data import prepare as prepare_module
 from seqops.data import synthetic as synthetic_module
@@ -75,6 +76,21 @@ def test_stats_count_objects_and_done_share(tmp_path):
     expected = np.mean([1 / (n + 1) for n in counts])
     assert stats["done_share"]["research"] == pytest.approx(expected, abs=1e-4)
     assert stats["skipped"] == {} and stats["skipped_total"] == 0
+
+
+def test_data_stats_prints_a_short_summary_and_json_on_request(tmp_path, capsys):
+    out = tmp_path / "prepared"
+    run_prepare(_params(), out)
+    assert main(["data", "stats", str(out)]) == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    assert lines[0].startswith(f"{out}: 10 images, ") and "source synthetic" in lines[0]
+    assert any(line.split()[:2] == ["train", "6"] for line in lines)
+    assert "skipped: 0" in text and len(lines) < 15  # a screen, not the raw JSON
+    assert main(["data", "stats", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads((out / "stats.json").read_text())
+    assert main(["data", "stats", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere/stats.json: not found" in capsys.readouterr().err
 
 
 def test_same_params_give_byte_identical_datasets(tmp_path):
