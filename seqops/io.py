@@ -1,18 +1,29 @@
 """Atomic writes: an output is written under a temporary name and renamed into place,
 so a failed or killed stage never leaves a half-written file or directory behind. And
-``free_port``, for the servers the demo, the benchmarks and the tests start on loopback."""
+``free_port``, for the servers the demo, the benchmarks and the tests start on loopback.
+
+A temporary name carries the writer's pid (``.<name>.<pid>.<random>.tmp``, and
+``.<name>.old-<pid>`` for a directory being replaced). A SIGKILL runs no clean-up, so the
+next write of the same output removes what a dead writer left beside it: a killed stage's
+debris (a half-exported model directory can be tens of MB) does not pile up.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
+import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def _umask() -> int:
@@ -21,11 +32,55 @@ def _umask() -> int:
     return mask
 
 
+def _pid_alive(pid: int) -> bool:
+    """True unless no process ``pid`` exists on this host (another user's counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_LEFTOVER = re.compile(r"(?P<pid>[0-9]+)\.[A-Za-z0-9_]+\.tmp|old-(?P<old>[0-9]+)")
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}."
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Remove the temporary files and directories that writers of ``path`` left when they
+    were killed (their pid is gone); returns what was removed.
+
+    A live writer's temporary is kept: its pid still exists.
+    """
+    path = Path(path)
+    name = glob.escape(path.name)
+    candidates = [*path.parent.glob(f".{name}.*.tmp"), *path.parent.glob(f".{name}.old-*")]
+    removed = []
+    for leftover in candidates:
+        # "<pid>.<random>.tmp" or "old-<pid>": anything else is not ours (another name's)
+        match = _LEFTOVER.fullmatch(leftover.name[len(path.name) + 2 :])
+        if match is None or _pid_alive(int(match.group("pid") or match.group("old"))):
+            continue
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+        log.info("removed %s, left by a killed write of %s", leftover, path)
+        removed.append(leftover)
+    return removed
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same directory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -53,7 +108,8 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_stale_temporaries(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:
         yield tmp
