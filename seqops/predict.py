@@ -10,17 +10,64 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 from seqops import imaging
-from seqops.contract import DEFAULT_MAX_OBJECTS
+from seqops.contract import DEFAULT_MAX_OBJECTS, MODEL_NAME
 
 log = logging.getLogger(__name__)
 
 BATCH_SIZE = 8
+
+# The one default model of `seqops predict` and `seqops serve`: the registry's champion when
+# there is one, else what `dvc repro export` wrote. Two defaults gave two answers for the same
+# image after an unpromoted run (issue 16).
+CHAMPION_URI = f"models:/{MODEL_NAME}@champion"
+LOCAL_MODEL_DIR = "models/onnx"
+MODEL_ENV = "SEQOPS_MODEL"
+
+
+def model_candidates(given: str | None) -> list[str]:
+    """The models to try, in order: ``given``, else ``$SEQOPS_MODEL``, else the registry's
+    champion (only when a tracking store exists: asking would create an empty one) and then
+    ``models/onnx``."""
+    if given:
+        return [given]
+    if os.environ.get(MODEL_ENV):
+        return [os.environ[MODEL_ENV]]
+    have_store = bool(os.environ.get("MLFLOW_TRACKING_URI")) or Path("mlflow.db").is_file()
+    return [CHAMPION_URI, LOCAL_MODEL_DIR] if have_store else [LOCAL_MODEL_DIR]
+
+
+def resolve_model(given: str | None) -> tuple[str, Path, str | None]:
+    """The first of :func:`model_candidates` that resolves: ``(what was asked, its local
+    directory, its registry version or None)``; the error lists why each one failed."""
+    from seqops.predictor import PredictorError, resolve_model_dir
+
+    errors = []
+    for candidate in model_candidates(given):
+        try:
+            model_dir, version = resolve_model_dir(candidate)
+        except PredictorError as exc:
+            errors.append(str(exc))
+            continue
+        return candidate, model_dir, version
+    raise PredictorError("no model found: " + "; ".join(errors))
+
+
+def model_summary(predictor: Any, source: str) -> dict[str, Any]:
+    """The ``model`` object of every result, as the server's ``model`` (name, version) plus
+    where it came from."""
+    return {
+        "name": MODEL_NAME,
+        "version": predictor.info.model_version,
+        "source": source,
+        "confidence_calibrated": predictor.info.confidence_calibrated,
+    }
 
 
 def parse_exemplars(text: str | None, images: Sequence[Path]) -> list[Any] | None:
@@ -64,7 +111,7 @@ def annotate(image_path: Path, points: list[list[float]], out_dir: Path) -> Path
 
 def run_predict(
     images: Sequence[Path],
-    model: str | Path,
+    model: str | Path | None = None,
     *,
     out_dir: Path | None = None,
     exemplars: str | None = None,
@@ -73,13 +120,17 @@ def run_predict(
     device: str = "auto",
     stream: TextIO | None = None,
 ) -> int:
-    """Count ``images``; print one JSON line per image. Returns 0, or 1 when an image failed."""
+    """Count ``images`` with ``model`` (default: :func:`model_candidates`); print one JSON
+    line per image. Returns 0, or 1 when an image failed."""
     from seqops.predictor import Predictor
 
     stream = stream or sys.stdout
     images = [Path(p) for p in images]
     boxes = parse_exemplars(exemplars, images)
-    predictor = Predictor.load(model, device=device)
+    source, model_dir, version = resolve_model(None if model is None else str(model))
+    predictor = Predictor(model_dir, device=device, version=version)
+    summary = model_summary(predictor, source)
+    log.info("model %s version %s (%s)", source, summary["version"], model_dir)
     failed = 0
     for start in range(0, len(images), BATCH_SIZE):
         paths = images[start : start + BATCH_SIZE]
@@ -98,9 +149,7 @@ def run_predict(
             prepared, max_objects=max_objects, done_threshold=done_threshold
         )
         for path, prediction in zip(ok_paths, predictions, strict=True):
-            result = {"image": str(path), **prediction.to_dict()}
-            result["model_version"] = predictor.info.model_version
-            result["confidence_calibrated"] = predictor.info.confidence_calibrated
+            result = {"image": str(path), **prediction.to_dict(), "model": summary}
             if out_dir is not None:
                 result["annotated"] = str(annotate(path, prediction.points, out_dir))
             print(json.dumps(result), file=stream)

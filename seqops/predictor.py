@@ -243,7 +243,8 @@ class Predictor:
         self.model_dir = model_dir
         self.provider = self._step.get_providers()[0]
         log.info(
-            "loaded %s (v%s) on %s%s", model_dir, self.info.model_version, self.provider,
+            "loaded %s (model version %s) on %s%s",
+            model_dir, self.info.model_version, self.provider,
             "" if self.info.confidence_calibrated else "; count_confidence uncalibrated",
         )  # fmt: skip
         if warmup:

@@ -9,42 +9,22 @@ import shutil
 import signal
 import sys
 import tempfile
-from pathlib import Path
 
-from seqops.predictor import PredictorError, resolve_model_dir
+from seqops.predict import LOCAL_MODEL_DIR, MODEL_ENV
+from seqops.predict import resolve_model as resolve_default_model
 from serve.prometheus import MULTIPROC_ENV
 from serve.settings import DEFAULT_MODEL_URI, MIB, SETTINGS_ENV, ServeSettings
 
 log = logging.getLogger(__name__)
 
-MODEL_ENV = "SEQOPS_MODEL"
-LOCAL_MODEL_DIR = "models/onnx"  # where `dvc repro export` puts the model
-
-
-def model_candidates(given: str | None) -> list[str]:
-    """What to serve: ``--model``, else ``$SEQOPS_MODEL``, else the registry's champion (when
-    a tracking store exists; asking would create an empty one) and then ``models/onnx``."""
-    if given:
-        return [given]
-    if os.environ.get(MODEL_ENV):
-        return [os.environ[MODEL_ENV]]
-    have_store = bool(os.environ.get("MLFLOW_TRACKING_URI")) or Path("mlflow.db").is_file()
-    return [DEFAULT_MODEL_URI, LOCAL_MODEL_DIR] if have_store else [LOCAL_MODEL_DIR]
-
 
 def resolve_model(given: str | None) -> tuple[str, str | None]:
     """A local model directory and its registry version (downloaded once, in the parent, so
-    N workers do not download N times)."""
-    errors = []
-    for candidate in model_candidates(given):
-        try:
-            model_dir, version = resolve_model_dir(candidate)
-        except PredictorError as exc:
-            errors.append(str(exc))
-            continue
-        log.info("serving %s (%s)", candidate, model_dir)
-        return str(model_dir), version
-    raise PredictorError("no model to serve: " + "; ".join(errors))
+    N workers do not download N times); the default is `seqops predict`'s (the champion,
+    else models/onnx)."""
+    source, model_dir, version = resolve_default_model(given)
+    log.info("serving %s (%s)", source, model_dir)
+    return str(model_dir), version
 
 
 # The flags that set a ServeSettings field of the same meaning: flag -> (field, type, help).
@@ -60,6 +40,7 @@ SETTINGS_FLAGS = {
     "--deadline": ("deadline_s", float, "default request deadline, s"),
     "--max-deadline": ("max_deadline_s", float, "largest deadline a request may ask, s"),
     "--max-pixels": ("max_pixels", int, "decoded image limit (width x height)"),
+    "--min-image-side": ("min_image_side", int, "smallest image side, px (422 below)"),
     "--max-objects": ("max_objects", int, "default loop guard"),
     "--max-objects-limit": ("max_objects_limit", int, "largest guard a request may ask"),
     "--api-key-env": (
@@ -79,8 +60,10 @@ def build_parser(prog: str = "python -m serve.run") -> argparse.ArgumentParser:
         "/healthz, /readyz, /metrics; docs at /docs. SIGTERM: finish in-flight requests, exit.",
     )
     p.add_argument("--model", help=f"model directory or MLflow URI (env {MODEL_ENV})")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0: all interfaces)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--host", default="127.0.0.1", help="bind address; 0.0.0.0: all interfaces (%(default)s)"
+    )
+    p.add_argument("--port", type=int, default=8000, help="TCP port (%(default)s)")
     fields = ServeSettings.model_fields
     for flag, (field, kind, help_text) in SETTINGS_FLAGS.items():
         default = fields[field].default
@@ -127,6 +110,8 @@ def run_server(args: argparse.Namespace) -> int:
         log.warning("listening on %s: reachable from other hosts", args.host)
     if settings.api_key() is None:
         log.info("no API key: set %s to require a bearer token", settings.api_key_env)
+    else:  # say it either way, so a reader of the log knows which one is running
+        log.info("API key from %s: a bearer token is required", settings.api_key_env)
     # uvicorn re-raises the signal it caught once it has shut down; exit 0 then, so that
     # an orchestrator's SIGTERM (e.g. `podman stop`) reads as the clean stop it is.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -59,7 +59,8 @@ def test_predict_counts_an_image_with_nothing_in_it(tmp_path: Path, capsys):
     assert result["count"] == 0 and result["points"] == [] and result["stopped_by"] == "done"
     # Done at once with probability ~1; a test export has no calibration.
     assert result["count_confidence"] == pytest.approx(1 - EPS)
-    assert result["confidence_calibrated"] is False
+    assert result["model"]["confidence_calibrated"] is False
+    assert result["model"]["version"] == "test-done"
 
 
 def test_parse_exemplars(tmp_path: Path):
