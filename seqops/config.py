@@ -157,6 +157,9 @@ class TrainConfig(_Section):
     rollout_images: int = Field(ge=0)  # val images rolled out in full every epoch
     picture_samples: int = Field(ge=0)  # val samples drawn to MLflow every epoch
     max_minutes: float = Field(ge=0)  # wall-clock budget; 0 = none
+    # auto: continue last.pt when it matches and has fewer than `epochs` epochs (a killed or
+    # extended run); never: start afresh; require: fail unless last.pt can be continued.
+    resume: Literal["auto", "never", "require"]
 
 
 # --- export, evaluate, promote ---------------------------------------------------

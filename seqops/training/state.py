@@ -40,6 +40,7 @@ RESUME_FREE_KEYS = frozenset(
         "train.device",
         "train.rollout_images",
         "train.picture_samples",
+        "train.resume",
     }
 )
 
@@ -209,6 +210,16 @@ def load_resume_state(
         reason = resume_mismatch(state, spec_dict, params, fingerprint)
     except ckpt.CheckpointError as exc:
         reason = str(exc)
+    if reason is None and mode == "auto" and int(state["epoch"]) >= params.train.epochs:
+        # Nothing of it is left to continue: `auto` means "carry on a killed or extended run",
+        # and a finished run with as many epochs or more is neither (issue 16: a 1-epoch run
+        # after the demo's 12 trained nothing).
+        log.warning(
+            "%s: not resuming: it has %d epochs and train.epochs is %d; training from scratch "
+            "(train.resume=require would keep it and train nothing)",
+            last_path, int(state["epoch"]), params.train.epochs,
+        )  # fmt: skip
+        return None
     if reason is None:
         return state
     if mode == "require":

@@ -74,7 +74,7 @@ def run_train(
     out_dir: str | Path,
     metrics_path: str | Path | None = None,
     plots_path: str | Path | None = None,
-    resume: str = "auto",
+    resume: str | None = None,
     track: bool = True,
 ) -> dict[str, Any]:
     """Train on the prepared dataset ``data_dir``.
@@ -84,15 +84,17 @@ def run_train(
     val loss), the metrics JSON and the per-epoch plots CSV.
 
     Args:
-        resume: ``auto`` resumes from ``<out_dir>/last.pt`` when it exists and matches (same
+        resume: ``auto`` resumes from ``<out_dir>/last.pt`` when it exists, matches (same
             model spec and data; parameters equal apart from epochs, patience, time budget,
-            devices), ``never`` starts afresh, ``require`` fails unless it can resume.
+            devices) and has fewer than ``train.epochs`` epochs; ``never`` starts afresh;
+            ``require`` fails unless it can resume. None: ``train.resume``.
         track: log the run to MLflow (``MLFLOW_TRACKING_URI`` or the embedded SQLite store).
 
     Returns:
         The best epoch's metrics plus ``best_epoch`` and ``epochs_trained`` (what
         ``metrics_path`` holds); an empty dict on ranks other than 0.
     """
+    resume = params.train.resume if resume is None else resume
     if resume not in RESUME_MODES:
         raise ValueError(f"resume={resume!r}: expected one of {', '.join(RESUME_MODES)}")
     outputs = StageOutputs(
@@ -168,7 +170,7 @@ def set_up(
         data_fingerprint=fingerprint_dataset(data_dir),
     )
     if state.resume(outputs.last_path, resume):
-        log.info("resuming %s at epoch %d", outputs.last_path, state.epoch + 1)
+        report_resumed(state, outputs.last_path, resume)
     # Wrapped after resuming: DDP starts every rank from rank 0's weights as they are now.
     net: nn.Module = ManyStepNet(model)
     if dist.enabled:
@@ -184,6 +186,18 @@ def set_up(
         net=net,
         state=state,
     )
+
+
+def report_resumed(state: TrainingState, last_path: Path, resume: str) -> None:
+    """Log where a resumed run carries on, and warn when it has nothing left to train."""
+    epochs = state.params.train.epochs
+    log.info("resuming %s at epoch %d (train.resume=%s)", last_path, state.epoch + 1, resume)
+    if state.epoch >= epochs or state.stopper.should_stop:  # say it: nothing will train
+        why = "it stopped early" if state.stopper.should_stop else f"train.epochs is {epochs}"
+        log.warning(
+            "%s has %d epochs and %s: nothing to train (train.resume=never starts afresh)",
+            last_path, state.epoch, why,
+        )  # fmt: skip
 
 
 def start_tracking(run: Run) -> TrackedRun:

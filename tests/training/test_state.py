@@ -112,6 +112,20 @@ def test_resume_modes(tmp_path, tiny_params):
         other_data.resume(path, "require")
 
 
+def test_auto_continues_only_a_run_with_epochs_left(tmp_path, tiny_params, caplog):
+    """A finished last.pt with as many epochs as asked or more is not resumed by `auto` (the
+    run would train nothing); `require` still resumes it; a changed train.resume is free."""
+    finished = make_state(tiny_params, seed=1)
+    finished.end_epoch(2, 0.5)
+    path = tmp_path / "last.pt"
+    ckpt.save_checkpoint(path, finished.checkpoint())
+    two = shrink_params("train.epochs=2", "train.resume=never")
+    assert not make_state(two, seed=0).resume(path, "auto")
+    assert "it has 2 epochs and train.epochs is 2; training from scratch" in caplog.text
+    assert make_state(two, seed=0).resume(path, "require")
+    assert make_state(shrink_params("train.epochs=3"), seed=0).resume(path, "auto")
+
+
 def test_resume_mismatch_names_what_differs(tiny_params):
     state = {
         "model_spec": {"a": 1},
