@@ -18,7 +18,7 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Per-channel normalisation applied to [0, 1] RGB. Stored in exported models' metadata.
 MEAN = (0.5, 0.5, 0.5)
@@ -28,14 +28,41 @@ STD = (0.25, 0.25, 0.25)
 MAX_IMAGE_PIXELS = 64_000_000
 
 
+# The formats decoded (Pillow's names); others are refused by name, not guessed at. They are
+# what cameras, scanners and browsers produce; GIF, ICO, PSD, PDF and the rest are not taken.
+FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP")
+# Transparent pixels are shown over white, as a browser page shows them.
+BACKGROUND = (255, 255, 255)
+
+
 class ImageError(ValueError):
     """An image could not be read; the message names the file and the reason."""
 
 
-def load_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Decode a PNG/JPEG (path or bytes) into an RGB image.
+class ImageTooLargeError(ImageError):
+    """More pixels than allowed (a decompression bomb, or just too large; serving: 413)."""
+
+
+class UnsupportedImageError(ImageError):
+    """A readable file in a format or pixel mode that is not taken (serving answers 415)."""
+
+
+def load_image(
+    source: str | Path | bytes,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    formats: tuple[str, ...] = FORMATS,
+    draft_size: int | None = None,
+) -> Image.Image:
+    """Decode an image (path or bytes) into 8-bit RGB, turned as its EXIF orientation says.
+
+    The pixels are the image as a viewer shows it: EXIF orientation applied (so points are
+    where the user sees the objects), 16-bit and float greyscale scaled to 8 bits rather than
+    clipped, transparency over :data:`BACKGROUND`. ``draft_size``: a JPEG may be decoded at
+    a reduced scale (1/2 to 1/8) as long as both sides stay at least this large; callers
+    that resize to a model input anyway save most of the decoding memory and time.
 
     Raises:
+        UnsupportedImageError: a format outside ``formats``, or a mode with no 8-bit meaning.
         ImageError: missing, undecodable, truncated or too large (names the source).
     """
     name = "<bytes>" if isinstance(source, bytes) else str(source)
@@ -44,23 +71,97 @@ def load_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS) -
     except OSError as exc:
         raise ImageError(f"{name}: cannot open ({exc.strerror or exc})") from None
     with stream:
+        image = _open(stream, name, formats)
         try:
-            image = Image.open(stream)
             width, height = image.size
             if width * height > max_pixels:
-                raise ImageError(
+                raise ImageTooLargeError(
                     f"{name}: {width}x{height} = {width * height} pixels exceeds {max_pixels}"
                 )
+            if draft_size and image.format == "JPEG":
+                image.draft("RGB", (draft_size, draft_size))
             image.load()  # decode now: a truncated file fails here, not later
         except ImageError:
             raise
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise ImageError(f"{name}: not a decodable image ({exc})") from None
         except Image.DecompressionBombError as exc:
-            raise ImageError(f"{name}: {exc}") from None
+            raise ImageTooLargeError(f"{name}: {exc}") from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ImageError(f"{name}: not a decodable image ({exc})") from None
     if width < 1 or height < 1:
         raise ImageError(f"{name}: empty image ({width}x{height})")
-    return image.convert("RGB")
+    ImageOps.exif_transpose(image, in_place=True)
+    return to_rgb(image, name)
+
+
+def _open(stream, name: str, formats: tuple[str, ...]) -> Image.Image:
+    """Open (the header only) in one of ``formats``; a file Pillow knows in another format is
+    :class:`UnsupportedImageError` naming that format."""
+    try:
+        return Image.open(stream, formats=list(formats))
+    except UnidentifiedImageError:
+        stream.seek(0)
+        try:
+            with Image.open(stream) as other:
+                found = other.format
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+            found = None
+        except Image.DecompressionBombError as exc:
+            raise ImageTooLargeError(f"{name}: {exc}") from None
+        if found is not None:
+            raise UnsupportedImageError(
+                f"{name}: {found} images are not taken; send {', '.join(formats)}"
+            ) from None
+        raise ImageError(f"{name}: not a decodable image ({', '.join(formats)})") from None
+    except Image.DecompressionBombError as exc:  # before OSError: Pillow's own limit
+        raise ImageTooLargeError(f"{name}: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{name}: not a decodable image ({exc})") from None
+
+
+def to_rgb(image: Image.Image, name: str = "<image>") -> Image.Image:
+    """Any decoded mode -> 8-bit RGB with the same look, or :class:`UnsupportedImageError`.
+
+    16-bit integers are scaled (65535 -> 255), not clipped (Pillow's own conversion turns a
+    16-bit photo white); 32-bit integers are taken when they hold 16-bit values; float
+    images when they hold 0..1 (or 0..255) values, the conventions of the tools that write
+    them; anything else has no agreed 8-bit meaning and is refused.
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return Image.fromarray(_grey_to_8bit(np.asarray(image), mode, name)).convert("RGB")
+    if mode == "P" and "transparency" in image.info:
+        image, mode = image.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "RGBa", "LA", "La", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, BACKGROUND)
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    try:
+        return image.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise UnsupportedImageError(f"{name}: pixel mode {mode} is not taken ({exc})") from None
+
+
+def _grey_to_8bit(values: np.ndarray, mode: str, name: str) -> np.ndarray:
+    """16-bit, 32-bit or float greyscale -> uint8, by the value range its mode means."""
+    values = values.astype(np.float64)
+    if not np.isfinite(values).all():
+        raise UnsupportedImageError(f"{name}: pixel mode {mode} with NaN or infinite values")
+    low, high = (values.min(), values.max()) if values.size else (0.0, 0.0)
+    if mode == "F" and low >= 0 and high <= 1:
+        scale = 255.0
+    elif mode == "F" and low >= 0 and high <= 255:
+        scale = 1.0
+    elif mode != "F" and low >= 0 and high <= 65535:
+        scale = 255.0 / 65535.0
+    else:
+        raise UnsupportedImageError(
+            f"{name}: pixel mode {mode} with values {low:g}..{high:g}: no 8-bit meaning"
+            " (take 0..65535 integers or 0..1 floats)"
+        )
+    return np.clip(np.round(values * scale), 0, 255).astype(np.uint8)
 
 
 def resize_for_model(image: Image.Image, size: int) -> tuple[np.ndarray, tuple[float, float]]:

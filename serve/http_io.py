@@ -210,14 +210,11 @@ async def read_image_request(request: Request, json_model: type) -> tuple[bytes,
     """The image bytes and the option fields of a raw, multipart or JSON body."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "application/json":
-        try:
-            payload = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ServeError(400, f"body: not valid JSON ({exc})") from None
+        payload = parse_json(await request.body(), "body")
         if not isinstance(payload, dict):
             raise ServeError(422, "body: expected a JSON object with an 'image' field")
-        try:
-            parsed = json_model.model_validate(payload)
+        try:  # strict: JSON has real numbers and booleans, so `true` is no max_objects
+            parsed = json_model.model_validate(payload, strict=True)
         except ValidationError as exc:
             raise RequestValidationError(_located(exc, "body")) from None
         try:
@@ -230,7 +227,13 @@ async def read_image_request(request: Request, json_model: type) -> tuple[bytes,
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise ServeError(422, "file: a multipart upload named 'file' is required")
-        fields = {k: v for k, v in form.items() if k != "file"}
+        fields = {}
+        for key, value in form.multi_items():
+            if key == "file":
+                continue
+            if not isinstance(value, str):  # an upload where an option's text belongs
+                raise ServeError(422, f"{key}: expected a form field, got a file upload")
+            fields[key] = value
         return await upload.read(), fields
     if ctype in IMAGE_TYPES or ctype.startswith("image/"):
         return await request.body(), {}
@@ -241,9 +244,21 @@ async def read_image_request(request: Request, json_model: type) -> tuple[bytes,
     )
 
 
+def parse_json(data: bytes, where: str) -> Any:
+    """``data`` as JSON, or a 400 naming ``where``: malformed, not UTF-8, or nested so deeply
+    that the parser gives up (a ``RecursionError``, which would otherwise be a 500)."""
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ServeError(400, f"{where}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ServeError(400, f"{where}: JSON nested too deeply") from None
+
+
 def _located(exc: ValidationError, where: str) -> list[dict]:
-    """Validation errors located under ``where`` (``body``, ``options``)."""
-    errors = exc.errors(include_url=False, include_context=False)
+    """Validation errors located under ``where`` (``body``, ``options``), without the input
+    value (it may be a whole base64 image, or an object whose repr means nothing)."""
+    errors = exc.errors(include_url=False, include_context=False, include_input=False)
     return [{**e, "loc": (where, *e["loc"])} for e in errors]
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
+import re
 import struct
 import time
 from typing import Annotated, Any
@@ -54,6 +56,11 @@ _NUMERIC = {
     "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
     "FP32": np.float32, "FP64": np.float64,
 }  # fmt: skip
+# Elements one input may declare: a 40 MP RGB image with room to spare.
+_MAX_ELEMENTS = 1 << 28
+# Leading bytes of the image files a BYTES element may hold as is (WebP: RIFF....WEBP).
+_IMAGE_SIGNATURES = (b"\x89PNG", b"\xff\xd8", b"II*\x00", b"MM\x00*", b"BM")
+_DIGITS = re.compile(r"[0-9]{1,15}")
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": KServeError} for code in (400, 401, 404, 413, 422, 429, 503, 504)
 }
@@ -199,8 +206,9 @@ async def infer(request: Request, service: ServedModel) -> dict:
     body = await request.body()
     header_length = request.headers.get("inference-header-content-length")
     async with service.slot() as slot:
-        req, image = await service.in_pool(_parse_and_prepare, service, body, header_length)
-        options = _loop_options(req.parameters or {})
+        req, options, image = await service.in_pool(
+            _parse_and_prepare, service, body, header_length
+        )
         threshold, max_objects, deadline = service.loop_settings(options, options.max_objects)
         prepare_ms = 1e3 * (time.perf_counter() - t0)
         job = Job(image, threshold, max_objects, deadline, prepare_ms=prepare_ms)
@@ -250,11 +258,12 @@ def _loop_options(parameters: dict[str, Any]) -> PredictOptions:
     given = {k: v for k, v in parameters.items() if k not in _TRITON_PARAMETERS}
     timeout_us = given.pop("timeout", None)
     if timeout_us is not None and "deadline_s" not in given:
-        if not isinstance(timeout_us, int | float) or timeout_us <= 0:
+        is_number = isinstance(timeout_us, int | float) and not isinstance(timeout_us, bool)
+        if not is_number or timeout_us <= 0:
             raise ServeError(400, f"parameters.timeout: microseconds > 0, got {timeout_us!r}")
         given["deadline_s"] = timeout_us / 1e6
     try:
-        return PredictOptions.model_validate(given)
+        return PredictOptions.model_validate(given, strict=True)
     except ValidationError as exc:
         raise ServeError(400, _describe(exc, "parameters.")) from None
 
@@ -276,25 +285,34 @@ def _parse_and_prepare(service: Service, body: bytes, header_length: str | None)
     for out in req.outputs or []:
         if out.name not in OUTPUTS:
             raise ServeError(400, f"outputs: unknown {out.name!r}; known: {list(OUTPUTS)}")
+    options = _loop_options(req.parameters or {})  # before the costly decoding
     image = _image_input(tensors["image"], raw.get("image"))
     exemplars = None
     if "exemplars" in tensors:
-        exemplars = _tensor_array(tensors["exemplars"], raw.get("exemplars")).reshape(-1, 4)
-        exemplars = exemplars.astype(np.float64).tolist()
-    return req, service.prepare_image(image, exemplars)
+        tensor = tensors["exemplars"]
+        if len(tensor.shape) != 2 or tensor.shape[1] != 4 or not 0 <= tensor.shape[0] <= 3:
+            raise ServeError(400, f"exemplars: shape must be [K <= 3, 4], got {tensor.shape}")
+        array = _tensor_array(tensor, raw.get("exemplars"))
+        exemplars = array.reshape(tensor.shape).astype(np.float64).tolist()
+    return req, options, service.prepare_image(image, exemplars)
 
 
 def parse_infer_request(body: bytes, header_length: str | None) -> tuple[InferRequest, dict]:
     """The JSON header as :class:`InferRequest`, and each binary input's bytes by name."""
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
-            raise ServeError(400, f"Inference-Header-Content-Length: bad value {header_length!r}")
+        # ASCII digits only: str.isdigit() accepts "²", which int() then refuses.
+        if not _DIGITS.fullmatch(header_length) or int(header_length) > len(body):
+            raise ServeError(
+                400,
+                f"Inference-Header-Content-Length: {header_length!r} is not a length within"
+                f" the {len(body)}-byte body",
+            )
         split = int(header_length)
         header, binary = body[:split], body[split:]
     else:
         header, binary = body, b""
-    try:
-        req = InferRequest.model_validate_json(header)
+    try:  # strict: a shape of [true] or a name of 3 is a client's mistake, not a coercion
+        req = InferRequest.model_validate_json(header, strict=True)
     except ValidationError as exc:
         raise ServeError(400, f"request: {_describe(exc)}") from None
     raw, offset = {}, 0
@@ -314,21 +332,18 @@ def parse_infer_request(body: bytes, header_length: str | None) -> tuple[InferRe
 def _image_input(tensor, raw: bytes | None) -> bytes | np.ndarray:
     """The ``image`` input: encoded bytes (BYTES) or a uint8 ``[H, W, 3]`` array (UINT8)."""
     if tensor.datatype == "BYTES":
-        if int(np.prod(tensor.shape)) != 1:
+        if _element_count(tensor) != 1:
             raise ServeError(400, f"image: BYTES shape must hold one image, got {tensor.shape}")
         if raw is not None:  # 4-byte little-endian length, then the bytes
             if len(raw) < 4 or struct.unpack_from("<I", raw)[0] != len(raw) - 4:
                 raise ServeError(400, "image: malformed binary BYTES element")
-            return raw[4:]
+            return _encoded_image(raw[4:])
         data = tensor.data
         while isinstance(data, list) and len(data) == 1:
             data = data[0]
         if not isinstance(data, str):
-            raise ServeError(400, "image: BYTES data in JSON must be one base64 string")
-        try:
-            return base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError):
-            raise ServeError(400, "image: BYTES data is not valid base64") from None
+            raise ServeError(400, "image: BYTES data in JSON must be one string")
+        return _encoded_image(data.encode("utf-8", "surrogateescape"))
     if tensor.datatype != "UINT8":
         raise ServeError(
             400, f"image: datatype UINT8 [H, W, 3] or BYTES [1] expected, got {tensor.datatype}"
@@ -341,22 +356,84 @@ def _image_input(tensor, raw: bytes | None) -> bytes | np.ndarray:
     return _tensor_array(tensor, raw).reshape(shape)
 
 
+def _encoded_image(element: bytes) -> bytes:
+    """A BYTES element -> the encoded image, read the same way whether the element came in
+    JSON or binary: the file itself, or its base64 text. JSON strings cannot carry a PNG's
+    raw bytes (not UTF-8), so JSON clients send base64; binary clients usually send the
+    file, but base64 there is taken too. A file is recognised by its signature."""
+    if element.startswith(_IMAGE_SIGNATURES) or (element[:4], element[8:12]) == (b"RIFF", b"WEBP"):
+        return element
+    try:
+        return base64.b64decode(element, validate=True)
+    except (binascii.Error, ValueError):
+        raise ServeError(
+            400, "image: the BYTES element is neither an image file nor base64 text of one"
+        ) from None
+
+
 def _tensor_array(tensor, raw: bytes | None) -> np.ndarray:
     """A numeric tensor's data (JSON, flat or nested, or binary) checked against its shape."""
     dtype = _NUMERIC.get(tensor.datatype)
     if dtype is None:
         raise ServeError(400, f"{tensor.name}: unsupported datatype {tensor.datatype}")
-    expected = int(np.prod(tensor.shape)) if tensor.shape else 1
+    expected = _element_count(tensor)
     if raw is not None:
         if len(raw) != expected * np.dtype(dtype).itemsize:
             raise ServeError(400, f"{tensor.name}: {len(raw)} bytes do not fit {tensor.shape}")
-        return np.frombuffer(raw, dtype)
-    try:
-        values = np.asarray(tensor.data, np.float64).ravel()
-    except (TypeError, ValueError):
-        raise ServeError(400, f"{tensor.name}: data must be a list of numbers") from None
+        values = np.frombuffer(raw, dtype)
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            raise ServeError(400, f"{tensor.name}: NaN or infinite values")
+        return values
+    values = _json_numbers(tensor)
     if values.size != expected:
         raise ServeError(400, f"{tensor.name}: {values.size} values do not fit {tensor.shape}")
-    if dtype is np.uint8 and (values.min(initial=0) < 0 or values.max(initial=0) > 255):
-        raise ServeError(400, f"{tensor.name}: UINT8 values must be in 0..255")
+    if not np.isfinite(values).all():
+        raise ServeError(400, f"{tensor.name}: NaN or infinite values")
+    if np.dtype(dtype).kind in "iu":
+        if (values != np.round(values)).any():
+            raise ServeError(400, f"{tensor.name}: {tensor.datatype} data must be integers")
+        info = np.iinfo(dtype)
+        if values.min(initial=0) < info.min or values.max(initial=0) > info.max:
+            raise ServeError(
+                400, f"{tensor.name}: {tensor.datatype} values must be in {info.min}..{info.max}"
+            )
     return values.astype(dtype)
+
+
+def _element_count(tensor) -> int:
+    """The number of elements the tensor's shape declares: every dimension a size (no -1
+    in a request), and a total small enough to mean something (a product that overflows
+    int64 would otherwise wrap around in numpy)."""
+    if any(d < 0 for d in tensor.shape):
+        raise ServeError(400, f"{tensor.name}: shape {tensor.shape} has a negative dimension")
+    count = math.prod(tensor.shape)  # Python ints: no overflow
+    if count > _MAX_ELEMENTS:
+        raise ServeError(413, f"{tensor.name}: shape {tensor.shape} holds too many elements")
+    return count
+
+
+def _json_numbers(tensor) -> np.ndarray:
+    """JSON ``data`` (flat or nested like the shape) as float64; booleans and strings are
+    refused rather than read as 1/0 or parsed."""
+    data = tensor.data
+    if not isinstance(data, list):
+        raise ServeError(400, f"{tensor.name}: data must be a list of numbers")
+    try:
+        values = np.asarray(data, np.float64).ravel()
+    except (TypeError, ValueError, RecursionError):
+        raise ServeError(400, f"{tensor.name}: data must be a list of numbers") from None
+    if _has_non_number(data):
+        raise ServeError(400, f"{tensor.name}: data must be numbers, not booleans or strings")
+    return values
+
+
+def _has_non_number(data: list) -> bool:
+    """Whether a (nested) list holds anything but ints and floats."""
+    stack = [data]
+    while stack:
+        for item in stack.pop():
+            if isinstance(item, list):
+                stack.append(item)
+            elif isinstance(item, bool) or not isinstance(item, int | float):
+                return True
+    return False

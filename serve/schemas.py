@@ -19,7 +19,9 @@ def _parse_json_text(value: Any) -> Any:
         try:
             return json.loads(value)
         except json.JSONDecodeError:
-            raise ValueError(f"expected a JSON list, got {value!r}") from None
+            raise ValueError(f"expected a JSON list, got {value[:80]!r}") from None
+        except RecursionError:  # "[[[[..." thousands deep: the parser's own limit
+            raise ValueError("JSON list nested too deeply") from None
     return value
 
 

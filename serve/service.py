@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -17,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from seqops import imaging
 from seqops.predictor import (
@@ -207,18 +206,21 @@ class Service:
         return self.predictor.prepare(image, exemplars)
 
     def _decode(self, data: bytes) -> Image.Image:
-        """Encoded bytes -> RGB image, refusing empty, undecodable and oversized ones."""
+        """Encoded bytes -> RGB image as the user sees it (EXIF orientation applied); 413
+        before decoding any pixel when the header announces too many, 415 for a format or
+        pixel mode not taken (the message names it), 400 when undecodable."""
         if not data:
             raise ServeError(400, "image: the body is empty")
-        try:  # the header alone: refuse huge images before decoding any pixel
-            with Image.open(io.BytesIO(data)) as probe:
-                width, height = probe.size
-        except Image.DecompressionBombError as exc:
-            raise ServeError(413, f"image: {exc}") from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise ServeError(400, f"image: not a decodable PNG/JPEG ({exc})") from None
-        self._check_pixels(width, height)
-        return imaging.load_image(data, max_pixels=self.settings.max_pixels)
+        try:
+            image = imaging.load_image(data, max_pixels=self.settings.max_pixels)
+        except imaging.ImageTooLargeError as exc:
+            raise ServeError(413, f"image: {_unnamed(exc)}") from None
+        except imaging.UnsupportedImageError as exc:
+            raise ServeError(415, f"image: {_unnamed(exc)}") from None
+        except imaging.ImageError as exc:
+            raise ServeError(400, f"image: {_unnamed(exc)}") from None
+        self._check_size(*image.size)
+        return image
 
     def _image_from_array(self, array: np.ndarray) -> Image.Image:
         """A uint8 ``[H, W, 3]`` array -> RGB image, with the same checks as decoding."""
@@ -229,15 +231,21 @@ class Service:
         height, width = array.shape[:2]
         if width < 1 or height < 1:
             raise ServeError(400, f"image: empty ({width}x{height})")
-        self._check_pixels(width, height)
+        self._check_size(width, height)
         return Image.fromarray(np.ascontiguousarray(array), "RGB")
 
-    def _check_pixels(self, width: int, height: int) -> None:
-        """413 when the image has more pixels than the limit."""
+    def _check_size(self, width: int, height: int) -> None:
+        """413 above the pixel limit; 422 below the smallest side (a 1x1 image stretched to
+        the model's input is no picture of anything, and the loop would count noise)."""
         limit = self.settings.max_pixels
         if width * height > limit:
             raise ServeError(
                 413, f"image: {width}x{height} = {width * height} pixels exceeds the limit {limit}"
+            )
+        smallest = self.settings.min_image_side
+        if min(width, height) < smallest:
+            raise ServeError(
+                422, f"image: {width}x{height} is smaller than {smallest} px on a side"
             )
 
     # -- jobs --------------------------------------------------------------------------
@@ -266,6 +274,11 @@ class Service:
             return await job.future
         except Exception as exc:
             raise as_serve_error(exc) from None
+
+
+def _unnamed(exc: Exception) -> str:
+    """An imaging error's message without the ``<bytes>: `` its source name is here."""
+    return str(exc).removeprefix("<bytes>: ")
 
 
 def as_serve_error(exc: BaseException) -> ServeError:

@@ -41,6 +41,7 @@ class ServeSettings(BaseModel):
     max_deadline_s: float = Field(300.0, gt=0)
     max_body_bytes: int = Field(20 * MIB, ge=1024)
     max_pixels: int = Field(40_000_000, ge=1)  # decoded width x height (decompression bombs)
+    min_image_side: int = Field(16, ge=1)  # smaller images get 422: nothing to count there
     max_objects: int = Field(DEFAULT_MAX_OBJECTS, ge=1)  # per-request default
     max_objects_limit: int = Field(1000, ge=1)  # what a request may ask for
     decode_threads: int = Field(2, ge=1)  # image decoding/resizing, off the event loop

@@ -8,6 +8,7 @@ from PIL import Image
 
 from seqops.imaging import (
     ImageError,
+    UnsupportedImageError,
     grid_centres,
     load_image,
     norm_to_pixels,
@@ -126,3 +127,67 @@ def test_add_mark_is_the_incremental_render_marks():
     for point in points:
         add_mark(marks, point, 1.5)
     np.testing.assert_allclose(marks, render_marks(points, 20, 1.5), atol=1e-7)
+
+
+def _encode(image, fmt="PNG", **kwargs):
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("image", "fmt", "grey"),
+    [
+        (Image.fromarray(np.full((8, 8), 32896, np.uint16)), "PNG", 128),  # I;16, not white
+        (Image.fromarray(np.full((8, 8), 0.5, np.float32)), "TIFF", 128),  # F in 0..1, not black
+        (Image.fromarray(np.full((8, 8), 32896, np.int32)), "TIFF", 128),  # I holding 16 bits
+        (Image.new("LA", (8, 8), (128, 255)), "PNG", 128),
+        (Image.new("LA", (8, 8), (0, 0)), "PNG", 255),  # transparent: the white background
+        (Image.new("CMYK", (8, 8), (0, 0, 0, 127)), "TIFF", 128),
+        (Image.new("1", (8, 8), 1), "PNG", 255),
+        (Image.new("L", (8, 8), 128), "JPEG", 128),
+        (Image.new("RGB", (8, 8), (128, 128, 128)), "WEBP", 128),
+        (Image.new("RGB", (8, 8), (128, 128, 128)), "BMP", 128),
+    ],
+)
+def test_every_decoded_mode_becomes_8bit_rgb_with_its_look(image, fmt, grey):
+    decoded = load_image(_encode(image, fmt))
+    assert decoded.mode == "RGB" and decoded.size == (8, 8)
+    assert np.abs(np.asarray(decoded, np.int16) - grey).max() <= 2, fmt
+
+
+def test_palette_transparency_is_shown_over_white():
+    image = Image.new("P", (8, 8), 0)
+    image.putpalette([10, 20, 30] * 256)
+    decoded = np.asarray(load_image(_encode(image, transparency=0)))
+    assert (decoded == 255).all()
+
+
+def test_float_or_32bit_images_without_an_8bit_meaning_are_refused_by_mode():
+    floats = Image.fromarray(np.full((8, 8), 1e6, np.float32))
+    with pytest.raises(UnsupportedImageError, match="mode F"):
+        load_image(_encode(floats, "TIFF"))
+
+
+def test_formats_outside_the_list_are_refused_by_name():
+    with pytest.raises(UnsupportedImageError, match="GIF"):
+        load_image(_encode(Image.new("RGB", (8, 8)), "GIF"))
+    with pytest.raises(UnsupportedImageError, match="ICO"):
+        load_image(_encode(Image.new("RGB", (16, 16)), "ICO"))
+
+
+def test_exif_orientation_is_applied():
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:5, :5] = 255  # a white corner at the top left of the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the camera was turned: show the stored image rotated 90° clockwise
+    decoded = load_image(_encode(Image.fromarray(pixels), "PNG", exif=exif))
+    assert decoded.size == (20, 40)  # as the user sees it
+    seen = np.asarray(decoded)
+    assert seen[:5, -5:].min() == 255 and seen[:5, :5].max() == 0  # now at the top right
+
+
+def test_a_jpeg_draft_decodes_smaller_but_not_below_the_size_asked():
+    big = _encode(Image.new("RGB", (1600, 1200), (50, 100, 150)), "JPEG")
+    assert load_image(big).size == (1600, 1200)
+    assert load_image(big, draft_size=300).size == (400, 300)
