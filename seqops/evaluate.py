@@ -3,15 +3,17 @@
 What is measured is what users get: ``seqops.predictor`` (onnxruntime, encode once, step
 until done), not the torch model. Outputs:
 
-- the metrics JSON (DVC metrics; the same numbers go to MLflow as ``test/<name>``):
-  counting, localisation, duplicates/misses, done calibration, stop timing, latency, and
-  the count confidence (its calibration error and the review trade-off at
-  ``evaluate.review_threshold``);
+- the metrics JSON (DVC metrics): the headline figures (:data:`HEADLINE_METRICS`); every
+  metric (counting per bucket, localisation, duplicates/misses, done calibration, stop
+  timing, latency, and the count confidence: its calibration error and the review trade-off
+  at ``evaluate.review_threshold``) in the report's ``metrics.json`` and in MLflow as
+  ``test/<name>``;
 - plots (DVC plots): ``counts.csv`` (per image true vs predicted count),
   ``calibration.csv`` (the done head's reliability table), ``count_reliability.csv`` (the
   count confidence's) and ``review_curve.csv`` (flagged share and miscount recall at every
   review threshold);
-- a report directory: ``per_image.jsonl``, ``calibration.json``, ``worst/`` pictures of
+- a report directory: ``metrics.json``, ``per_image.jsonl``, ``calibration.json``,
+  ``worst/`` pictures of
   the worst images (predicted points numbered in RED, true points in GREEN) and
   ``robust.json``.
 
@@ -60,6 +62,15 @@ REVIEW_CURVE_CSV = "review_curve.csv"
 ROBUST_JSON = "robust.json"
 ROBUST_METRICS = ("count_exact_acc", "count_mae", "count_bias", "f1")
 ROBUST_HEADLINE = "robust_count_exact_acc_min"
+METRICS_JSON = "metrics.json"  # every metric, in the report directory
+# What the DVC metrics file holds, so `dvc metrics show` and `diff` fit a screen: the count,
+# the points, the done head, the confidence and the cost. Benchmarks and demos read these.
+HEADLINE_METRICS = (
+    "num_images", "count_mae", "count_exact_acc", "count_bias", "f1", "px_err_median",
+    "px_err_p90", "done_f1", "count_confidence_ece", "review_flagged_share",
+    "review_miscount_recall", "review_flagged_share_at_recall_80", ROBUST_HEADLINE,
+    "latency_ms_per_image",
+)  # fmt: skip
 
 
 class EvaluateError(ValueError):
@@ -393,11 +404,14 @@ def write_report(
     scores: Scores,
     worst_images: int,
     robust: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
 ) -> None:
     """``per_image.jsonl``, ``calibration.json``, ``robust.json`` (when ``robust`` is given:
-    :func:`score_robustness`) and pictures of the ``worst_images`` worst images under
-    ``worst/``, replacing ``out_dir``."""
+    :func:`score_robustness`), ``metrics.json`` (every metric, when ``metrics`` is given) and
+    pictures of the ``worst_images`` worst images under ``worst/``, replacing ``out_dir``."""
     with atomic_directory(out_dir) as tmp:
+        if metrics is not None:
+            atomic_write_json(tmp / METRICS_JSON, metrics)
         with open(tmp / "per_image.jsonl", "w") as f:
             for row in scores.rows:
                 f.write(json.dumps(row) + "\n")
@@ -468,15 +482,15 @@ def run_evaluate(
         params: ``evaluate.*`` (radius, done threshold, max objects, worst images, review
             threshold, the transformed copies to count too).
         model: the exported model directory or ``models:/seqops@candidate``.
-        metrics_path: the metrics JSON (``metrics/evaluate.json``).
+        metrics_path: the headline metrics JSON (``metrics/evaluate.json``).
         plots_dir: the plots CSVs go here (see the module docstring).
-        out_dir: the report directory (per-image results, worst pictures).
+        out_dir: the report directory (every metric, per-image results, worst pictures).
         track: log metrics and the robust rows (``<split>/<name>``) and the report into the
             model's training run.
         batch_size: images per predictor batch (each image still stops on its own).
 
     Returns:
-        The metrics dict.
+        Every metric (the metrics JSON holds :func:`headline_metrics` of it).
     """
     from seqops.predictor import Predictor
 
@@ -491,23 +505,34 @@ def run_evaluate(
     if plots_dir is not None:
         write_plots(plots_dir, scores)
     if out_dir is not None:
-        write_report(out_dir, data, scores, settings.worst_images, robust)
+        write_report(out_dir, data, scores, settings.worst_images, robust, metrics)
     if metrics_path is not None:
-        atomic_write_json(metrics_path, metrics)
+        atomic_write_json(metrics_path, headline_metrics(metrics))
     if track:
         from seqops.registry import log_evaluation
 
         artifacts = report_artifacts(plots_dir, out_dir)
         log_evaluation(predictor.info.run_id, {**metrics, **robust}, artifacts, prefix=split)
     log.info(
-        "%s: %d images, count MAE %.3f, F1 %s, %.1f ms/image; review below %g flags %s, "
-        "catching %s of the miscounts; worst transformed copy %s exact",
-        split, len(data.records), metrics["count_mae"], metrics["f1"],
+        "%s: %d images, count MAE %.3f, %s exact, F1 %s, %.1f ms/image; review below %g flags "
+        "%s, catching %s of the miscounts; worst transformed copy %s exact",
+        split, len(data.records), metrics["count_mae"], _share(metrics["count_exact_acc"]),
+        _fixed(metrics["f1"]),
         metrics["latency_ms_per_image"], settings.review_threshold,
         _share(metrics["review_flagged_share"]), _share(metrics["review_miscount_recall"]),
         _share(metrics[ROBUST_HEADLINE]),
     )  # fmt: skip
     return metrics
+
+
+def headline_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`HEADLINE_METRICS` of ``metrics`` (the DVC metrics file's content)."""
+    return {k: metrics[k] for k in HEADLINE_METRICS if k in metrics}
+
+
+def _fixed(value: float | None) -> str:
+    """A score with three decimals for the log (``n/a`` when undefined)."""
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _share(value: float | None) -> str:

@@ -143,4 +143,3 @@ def test_augmentation_is_off_with_zero_settings():
 def test_k_out_of_range_is_an_error():
     with pytest.raises(ValueError, match=r"\[0, 5\]"):
         steps_of(rng(), ks=[6])
-
