@@ -148,8 +148,8 @@ class TrainConfig(_Section):
     num_threads: int = Field(ge=0)  # torch intra-op threads; 0 = torch's default (cores)
     target: Literal["ordered", "nearest_unmarked"]
     # Share of each image's steps taken from the model's own loop (states it really visits),
-    # refreshed every epoch from the second on; 0: off. loop_match_px: a loop point within
-    # this distance found the object.
+    # refreshed every epoch from the second on; 0: off. loop_match_px: the least distance
+    # within which a loop point found an object (see loop_states.found_radius).
     loop_share: float = Field(ge=0, le=1)
     loop_match_px: float = Field(gt=0)
     loss: LossConfig
