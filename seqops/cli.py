@@ -344,6 +344,34 @@ def _register_predict(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_predict)
 
 
+# --- plots ---------------------------------------------------------------------------
+
+
+def cmd_plots(args: argparse.Namespace) -> int:
+    from seqops.plots import render_plots
+
+    written = render_plots(args.dvc_yaml, args.out)
+    for path in written:
+        print(path)
+    if not written:
+        raise ConfigError(f"{args.dvc_yaml}: no plot could be drawn (run `dvc repro` first)")
+    return 0
+
+
+def _register_plots(sub: argparse._SubParsersAction) -> None:
+    p = add_parser(
+        sub,
+        "plots",
+        help="draw the pipeline's plots to PNG files (offline; `dvc plots show` needs a CDN)",
+        description="Draw every plot dvc.yaml declares (training curves, evaluation counts, "
+        "done calibration, count-confidence reliability, review curve) from its CSV files "
+        "to one PNG each, with matplotlib.",
+    )
+    p.add_argument("--dvc-yaml", type=Path, default=Path("dvc.yaml"), help="pipeline file")
+    p.add_argument("--out", type=Path, default=Path("reports/plots"), help="PNG directory")
+    p.set_defaults(func=cmd_plots)
+
+
 # --- serve ---------------------------------------------------------------------------
 
 
@@ -381,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     _register_export(sub)
     _register_evaluate(sub)
     _register_predict(sub)
+    _register_plots(sub)
     _register_serve(sub)
     return parser
 
