@@ -22,7 +22,7 @@ from serve import kserve, routes
 from serve.http_io import BodyLimitMiddleware, install_error_handlers
 from serve.prometheus import RequestMetricsMiddleware, ServeMetrics
 from serve.service import Service
-from serve.settings import ServeSettings
+from serve.settings import SHUTDOWN_MARGIN_S, ServeSettings
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,11 @@ def create_app(settings: ServeSettings, predictor: Predictor | None = None) -> F
     install_error_handlers(app)
     for router in (routes.health_router, routes.router, kserve.health_router, kserve.router):
         app.include_router(router)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        timeout_s=settings.body_timeout_s,
+    )
     app.add_middleware(
         RequestMetricsMiddleware,
         metrics=metrics,
@@ -72,16 +76,24 @@ def create_app_from_env() -> FastAPI:
 
 def _stop_ready_on_sigterm(service: Service) -> None:
     """Readiness turns 503 the moment SIGTERM arrives, then uvicorn's own handler runs
-    (stop accepting, let in-flight requests finish, shut down)."""
+    (stop accepting, let in-flight requests finish, shut down); requests still running
+    near the end of the graceful timeout are answered 503 with their points so far."""
     if threading.current_thread() is not threading.main_thread():
         return  # in-process test clients run the app in another thread
     previous = signal.getsignal(signal.SIGTERM)
     if not callable(previous):
         return
 
+    loop = asyncio.get_running_loop()
+    cut_after = max(service.settings.graceful_timeout_s - SHUTDOWN_MARGIN_S, 0.0)
+
     def on_sigterm(signum, frame):
-        service.draining = True
-        log.info("SIGTERM: not ready any more; finishing in-flight requests")
+        if not service.draining:
+            service.draining = True
+            log.info("SIGTERM: not ready any more; finishing in-flight requests")
+            # Before uvicorn's graceful timeout cancels what is left (a bare 500), answer
+            # it ourselves: 503 with the points found so far.
+            loop.call_soon_threadsafe(loop.call_later, cut_after, service.cut_in_flight)
         previous(signum, frame)
 
     signal.signal(signal.SIGTERM, on_sigterm)

@@ -38,12 +38,21 @@ class QueueFullError(Exception):
         self.retry_after = retry_after
 
 
-class DeadlineError(Exception):
+class StoppedError(Exception):
+    """A loop stopped before its end; ``partial`` holds what it had found by then:
+    ``{"count", "points"}`` (original pixels), or None when it had not started."""
+
+    def __init__(self, message: str, partial: dict | None = None) -> None:
+        super().__init__(message)
+        self.partial = partial
+
+
+class DeadlineError(StoppedError):
     """The request's deadline passed; the loop stopped between steps."""
 
 
-class ShuttingDownError(Exception):
-    """The server is stopping and takes no new work."""
+class ShuttingDownError(StoppedError):
+    """The server is stopping and takes no new work (or ran out of shutdown time)."""
 
 
 def _new_future() -> asyncio.Future:
@@ -84,8 +93,8 @@ class StepBatcher:
         max_active: images in the loop together at most (1: one request at a time).
         max_queue: requests admitted but not yet stepping; beyond it :class:`QueueFullError`.
         metrics: where step/encode/batch/queue observations go.
-        run_batch: images per onnxruntime run. A turn steps every active image, in runs of
-            this many; at most this many newcomers are encoded per turn. On a CPU a step's
+        run_batch: images per onnxruntime run. A turn encodes the newcomers and steps every
+            active image, in runs of this many. On a CPU a step's
             working set outgrows the caches beyond a few images (grid 48: ~150 kB per image
             per activation), so large runs cost more per image than small ones; a GPU
             wants large runs.
@@ -177,7 +186,9 @@ class StepBatcher:
                 await self._wake.wait()
             self._drop_expired()
             newcomers: list[Job] = []
-            room = min(self.max_active - len(self._active), self.run_batch)
+            # Every image that fits joins now (encoded in runs of run_batch): admitting only
+            # run_batch per turn left the queue full, and 429s, while the loop had room.
+            room = self.max_active - len(self._active)
             while self._waiting and len(newcomers) < room:
                 job = self._waiting.popleft()
                 self._pending -= 1
@@ -223,9 +234,10 @@ class StepBatcher:
         predictor = self.predictor
         info = predictor.info
         t0 = time.perf_counter()
-        if newcomers:
-            features = predictor.encode([job.image for job in newcomers])
-            for job, job_features in zip(newcomers, features, strict=True):
+        for start in range(0, len(newcomers), self.run_batch):
+            run = newcomers[start : start + self.run_batch]
+            features = predictor.encode([job.image for job in run])
+            for job, job_features in zip(run, features, strict=True):
                 job.rollout = Rollout.start(
                     info.grid, info.mark_sigma, job.initial_points,
                     image=job.image, features=job_features,
@@ -264,14 +276,37 @@ class StepBatcher:
                 continue
             if now > job.deadline:
                 job.rollout.stopped_by = "deadline"
-                found = len(job.rollout.points_norm) - len(job.initial_points)
-                _fail(job, DeadlineError(f"deadline passed after {found} object(s)"))
+                partial = self._partial(job)
+                message = f"deadline passed after {partial['count']} object(s)"
+                _fail(job, DeadlineError(message, partial))
                 continue
             keep.append(job)
         self._active = keep
         for job in list(self._waiting):
             if not job.future.done() and now > job.deadline:
                 _fail(job, DeadlineError("deadline passed while the request was queued"))
+
+    def _partial(self, job: Job) -> dict | None:
+        """What a job's loop has found so far (none given to it): count and points in
+        original pixels; None before it was encoded."""
+        if job.rollout is None:
+            return None
+        found = job.rollout.points_norm[len(job.initial_points) :]
+        size = self.predictor.info.image_size
+        points = points_to_original(found, job.image, size) if found else np.zeros((0, 2))
+        return {"count": len(found), "points": np.round(points, 2).tolist()}
+
+    def stop_all(self, why: str) -> int:
+        """Fail every waiting and active job now with :class:`ShuttingDownError` and what it
+        found (shutdown time is running out); the number of jobs stopped."""
+        stopped = 0
+        for job in [*self._waiting, *self._active]:
+            if not job.future.done():
+                partial = self._partial(job)
+                count = partial["count"] if partial else 0
+                _fail(job, ShuttingDownError(f"{why}; stopped after {count} object(s)", partial))
+                stopped += 1
+        return stopped
 
     def _push_points(self, job: Job) -> None:
         """Send a streaming job the points found since the last turn (original pixels)."""

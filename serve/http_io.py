@@ -3,10 +3,12 @@ limit, error format, reading image requests."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
 import secrets
+import zlib
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request, Security
@@ -16,6 +18,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serve.schemas import ErrorResponse
@@ -28,7 +31,8 @@ ERROR_RESPONSES = {
         400: "undecodable image or body",
         401: "missing or wrong API key",
         413: "body or image too large",
-        415: "unsupported Content-Type",
+        408: "the body did not arrive in time",
+        415: "unsupported Content-Type, image format or pixel mode",
         422: "invalid parameters, or exemplars the model does not take / needs",
         429: "queue full; see Retry-After",
         503: "loading or shutting down",
@@ -123,11 +127,14 @@ def inline_schema(model: type[BaseModel]) -> dict:
 
 class BodyLimitMiddleware:
     """413 for bodies over the limit: by Content-Length before reading anything, or while
-    streaming a body without one (chunked), before it is all in memory."""
+    streaming a body without one (chunked), before it is all in memory. 408 for a body
+    that has not fully arrived ``timeout_s`` after the request began (a stalled or trickled
+    upload would otherwise hold its memory and its queue place for as long as it likes)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -139,13 +146,22 @@ class BodyLimitMiddleware:
             await error_response(scope["path"], 413, message)(scope, receive, send)
             return
         seen = 0
+        body_done = False
         started = False
+        stop_at = asyncio.get_running_loop().time() + self.timeout_s
 
         async def limited_receive():
-            nonlocal seen
-            msg = await receive()
+            nonlocal seen, body_done
+            if body_done:  # after the body only a disconnect comes: no timeout on that
+                return await receive()
+            remaining = stop_at - asyncio.get_running_loop().time()
+            try:
+                msg = await asyncio.wait_for(receive(), max(remaining, 0.001))
+            except TimeoutError:
+                raise _BodyTimeout from None
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
+                body_done = not msg.get("more_body", False)
                 if seen > self.max_bytes:
                     raise _BodyTooLarge
             return msg
@@ -160,22 +176,34 @@ class BodyLimitMiddleware:
         except _BodyTooLarge:
             if not started:
                 await error_response(scope["path"], 413, message)(scope, receive, send)
+        except _BodyTimeout:
+            if not started:
+                late = f"body: not received within {self.timeout_s:g} s"
+                await error_response(scope["path"], 408, late)(scope, receive, send)
 
 
 class _BodyTooLarge(Exception):
     """Raised inside the app when the streamed body passes the limit."""
 
 
-def error_response(path: str, status: int, message: Any, headers=None) -> JSONResponse:
-    """The error answer in the format of the API ``path`` belongs to."""
+class _BodyTimeout(Exception):
+    """Raised inside the app when the body has not arrived in time."""
+
+
+def error_response(
+    path: str, status: int, message: Any, headers=None, partial: dict | None = None
+) -> JSONResponse:
+    """The error answer in the format of the API ``path`` belongs to; ``partial``: what a
+    loop stopped by its deadline or by shutdown had found (``{"count", "points"}``)."""
     # KServe clients expect {"error": ...}; the simple API uses FastAPI's {"detail": ...}.
+    extra = {} if partial is None else {"partial": partial}
     if path.startswith("/v2"):
         if not isinstance(message, str):
             message = "; ".join(
                 f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in message
             )
-        return JSONResponse({"error": message}, status, headers=headers)
-    return JSONResponse({"detail": message}, status, headers=headers)
+        return JSONResponse({"error": message, **extra}, status, headers=headers)
+    return JSONResponse({"detail": message, **extra}, status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -184,11 +212,16 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ServeError)
     async def _serve_error(request: Request, exc: ServeError):
-        return error_response(request.url.path, exc.status, exc.message, exc.headers)
+        return error_response(request.url.path, exc.status, exc.message, exc.headers, exc.partial)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         return error_response(request.url.path, 422, _jsonable_errors(exc.errors()))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect):
+        # The client left while sending its body: nobody reads this, but the metrics do.
+        return error_response(request.url.path, 499, "client closed the request")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
@@ -210,7 +243,7 @@ async def read_image_request(request: Request, json_model: type) -> tuple[bytes,
     """The image bytes and the option fields of a raw, multipart or JSON body."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "application/json":
-        payload = parse_json(await request.body(), "body")
+        payload = parse_json(await read_body(request), "body")
         if not isinstance(payload, dict):
             raise ServeError(422, "body: expected a JSON object with an 'image' field")
         try:  # strict: JSON has real numbers and booleans, so `true` is no max_objects
@@ -223,6 +256,8 @@ async def read_image_request(request: Request, json_model: type) -> tuple[bytes,
             raise ServeError(400, "image: not valid base64") from None
         return data, parsed.model_dump(exclude={"image"}, exclude_unset=True)
     if ctype == "multipart/form-data":
+        if _content_encoding(request) != "identity":
+            raise ServeError(415, "Content-Encoding: a multipart body is sent uncompressed")
         form = await request.form(max_files=1, max_fields=16)
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
@@ -236,12 +271,41 @@ async def read_image_request(request: Request, json_model: type) -> tuple[bytes,
             fields[key] = value
         return await upload.read(), fields
     if ctype in IMAGE_TYPES or ctype.startswith("image/"):
-        return await request.body(), {}
+        return await read_body(request), {}
     raise ServeError(
         415,
         f"Content-Type {ctype or '(none)'!r}: send image/png or image/jpeg, multipart/form-data"
         " with a 'file' part, or application/json {\"image\": <base64>}",
     )
+
+
+def _content_encoding(request: Request) -> str:
+    """The request's Content-Encoding, lower case; ``identity`` when none."""
+    return request.headers.get("content-encoding", "").strip().lower() or "identity"
+
+
+async def read_body(request: Request) -> bytes:
+    """The body, decompressed when ``Content-Encoding`` is gzip or deflate (as
+    ``tritonclient``'s ``request_compression_algorithm`` sends it). The decompressed size is
+    held to the body limit, so a small compressed bomb gets 413, not the memory."""
+    body = await request.body()
+    encoding = _content_encoding(request)
+    if encoding == "identity":
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise ServeError(415, f"Content-Encoding {encoding!r}: send identity, gzip or deflate")
+    limit = request.app.state.service.settings.max_body_bytes
+    # 32 + 15: zlib detects the gzip or zlib header; HTTP's "deflate" is zlib-wrapped.
+    inflater = zlib.decompressobj(32 + zlib.MAX_WBITS)
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise ServeError(400, f"body: not valid {encoding} data ({exc})") from None
+    if len(data) > limit or inflater.unconsumed_tail:
+        raise ServeError(413, f"body: larger than the limit of {limit} bytes once decompressed")
+    if not inflater.eof:
+        raise ServeError(400, f"body: truncated {encoding} data")
+    return data
 
 
 def parse_json(data: bytes, where: str) -> Any:

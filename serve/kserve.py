@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from seqops import __version__
 from seqops.predictor import Prediction
 from serve.batcher import Job
-from serve.http_io import API_KEY, ServiceDep, inline_schema
+from serve.http_io import API_KEY, ServiceDep, inline_schema, read_body
 from serve.schemas import (
     InferRequest,
     InferResponse,
@@ -202,10 +202,9 @@ _INFER_BODY_DOC = {
 async def infer(request: Request, service: ServedModel) -> dict:
     """Count the objects of one image; the request ``id`` is echoed."""
     t0 = time.perf_counter()
-    service.check_ready()
-    body = await request.body()
     header_length = request.headers.get("inference-header-content-length")
-    async with service.slot() as slot:
+    async with service.slot() as slot:  # admission before the body is read
+        body = await read_body(request)
         req, options, image = await service.in_pool(
             _parse_and_prepare, service, body, header_length
         )
@@ -213,7 +212,7 @@ async def infer(request: Request, service: ServedModel) -> dict:
         prepare_ms = 1e3 * (time.perf_counter() - t0)
         job = Job(image, threshold, max_objects, deadline, prepare_ms=prepare_ms)
         slot.submit(job)
-    prediction = await service.wait(job)
+    prediction = await service.wait(job, request.receive)
     return _infer_response(service, req, prediction, t0)
 
 

@@ -36,10 +36,12 @@ _REASONS = {
     400: "bad_request",
     401: "unauthorized",
     404: "not_found",
+    408: "body_timeout",
     413: "too_large",
     415: "unsupported_media_type",
     422: "invalid",
     429: "queue_full",
+    499: "client_closed",
     503: "unavailable",
     504: "deadline",
 }

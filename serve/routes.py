@@ -147,7 +147,7 @@ async def predict(request: Request, service: ServiceDep, query: PredictQuery) ->
     """The image as a raw body (`image/png`, `image/jpeg`), a multipart `file`, or JSON
     `{"image": "<base64>"}`; options as query parameters or body/form fields."""
     job, t0 = await _start_count(service, request, query, stream=False)
-    prediction = await service.wait(job)
+    prediction = await service.wait(job, request.receive)
     timings = dict(prediction.timings_ms, total=_ms_since(t0))
     return {**prediction.to_dict(), "model": service.model_ref(), "timings_ms": timings}
 
@@ -216,20 +216,19 @@ async def next_point(request: Request, service: ServiceDep, query: NextQuery) ->
     count_confidence here: it reads the loop's own done probabilities from the first step,
     which a count continued from given (perhaps corrected) points does not have."""
     t0 = time.perf_counter()
-    service.check_ready()
-    data, fields = await read_image_request(request, NextJSON)
-    options = parse_options(NextOptions, query, fields)
-    limit = service.settings.max_objects_limit
-    if len(options.points) >= limit:
-        raise ServeError(422, f"points: at most {limit - 1} here, got {len(options.points)}")
-    threshold, _, deadline = service.loop_settings(options, 1)
-    async with service.slot() as slot:
+    async with service.slot() as slot:  # admission before the body, as in /predict
+        data, fields = await read_image_request(request, NextJSON)
+        options = parse_options(NextOptions, query, fields)
+        limit = service.settings.max_objects_limit
+        if len(options.points) >= limit:
+            raise ServeError(422, f"points: at most {limit - 1} here, got {len(options.points)}")
+        threshold, _, deadline = service.loop_settings(options, 1)
         image, prepare_ms = await _prepare(service, data, options.exemplars)
         given = _points_to_norm(options.points, image, service.predictor.info.image_size)
         # Threshold 1.0: the step always yields its (x, y); `done` is reported beside it.
         job = Job(image, 1.0, len(given) + 1, deadline, given, prepare_ms=prepare_ms)
         slot.submit(job)
-    prediction = await service.wait(job)
+    prediction = await service.wait(job, request.receive)
     x, y = prediction.points[-1]
     done_prob = job.rollout.done_probs[-1]  # unrounded: compared with the threshold
     return {
@@ -251,11 +250,12 @@ async def _start_count(
 ) -> tuple[Job, float]:
     """Read and check a ``/predict`` request, prepare its image, hand it to the batcher."""
     t0 = time.perf_counter()
-    service.check_ready()
-    data, fields = await read_image_request(request, PredictJSON)
-    options = parse_options(PredictOptions, query, fields)
-    threshold, max_objects, deadline = service.loop_settings(options, options.max_objects)
+    # Admission before the body is read: a full queue answers 429 at once, and at most
+    # max_queue bodies are being received and decoded at any time (bounded memory).
     async with service.slot() as slot:
+        data, fields = await read_image_request(request, PredictJSON)
+        options = parse_options(PredictOptions, query, fields)
+        threshold, max_objects, deadline = service.loop_settings(options, options.max_objects)
         image, prepare_ms = await _prepare(service, data, options.exemplars)
         queue = asyncio.Queue() if stream else None
         job = Job(image, threshold, max_objects, deadline, stream=queue, prepare_ms=prepare_ms)

@@ -39,6 +39,10 @@ SETTINGS_FLAGS = {
     "--queue-full-status": ("queue_full_status", int, "429 or 503, when the queue is full"),
     "--deadline": ("deadline_s", float, "default request deadline, s"),
     "--max-deadline": ("max_deadline_s", float, "largest deadline a request may ask, s"),
+    "--body-timeout": ("body_timeout_s", float, "the whole request body within, s (408)"),
+    "--graceful-timeout": ("graceful_timeout_s", float, "shutdown wait, s (> max deadline + 2)"),
+    "--max-connections": ("max_connections", int, "open connections before 503"),
+    "--keep-alive": ("keep_alive_s", float, "idle connection timeout, s"),
     "--max-pixels": ("max_pixels", int, "decoded image limit (width x height)"),
     "--min-image-side": ("min_image_side", int, "smallest image side, px (422 below)"),
     "--max-objects": ("max_objects", int, "default loop guard"),
@@ -73,7 +77,6 @@ def build_parser(prog: str = "python -m serve.run") -> argparse.ArgumentParser:
     max_mb = fields["max_body_bytes"].default / MIB
     p.add_argument("--max-body-mb", type=float, default=max_mb, help=f"body limit, MiB ({max_mb})")
     p.add_argument("--no-batching", action="store_true", help="one request at a time")
-    p.add_argument("--graceful-timeout", type=float, default=60.0, help="shutdown wait, s")
     p.add_argument("--no-access-log", action="store_true", help="no line per request")
     return p
 
@@ -118,7 +121,10 @@ def run_server(args: argparse.Namespace) -> int:
     common = {
         "host": args.host,
         "port": args.port,
-        "timeout_graceful_shutdown": args.graceful_timeout,
+        "timeout_graceful_shutdown": settings.graceful_timeout_s,
+        "limit_concurrency": settings.max_connections,
+        "timeout_keep_alive": settings.keep_alive_s,
+        "http": "serve.protocol:HTTPProtocol",
         "access_log": not args.no_access_log,
         "log_level": "info",
     }

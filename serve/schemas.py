@@ -173,10 +173,20 @@ class Readiness(BaseModel):
     )
 
 
+class Partial(BaseModel):
+    """What a loop stopped early (504 deadline, 503 shutdown) had found by then."""
+
+    count: int
+    points: list[list[float]] = Field(description="[[x, y], ...] in original image pixels")
+
+
 class ErrorResponse(BaseModel):
-    """An error of the simple API."""
+    """An error of the simple API: ``detail`` names the field or value and what was wrong."""
 
     detail: str | list
+    partial: Partial | None = Field(
+        None, description="504/503 after the loop began: the objects found before it stopped"
+    )
 
 
 # --- KServe v2 / Open Inference Protocol ------------------------------------------------
@@ -279,3 +289,4 @@ class KServeError(BaseModel):
     """An error of the KServe v2 routes."""
 
     error: str
+    partial: Partial | None = None

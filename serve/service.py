@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
+from starlette.types import Receive
 
 from seqops import imaging
 from seqops.predictor import (
@@ -44,11 +45,18 @@ T = TypeVar("T")
 class ServeError(Exception):
     """An error answer: HTTP status, a message that says what to change, extra headers."""
 
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        headers: dict[str, str] | None = None,
+        partial: dict | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
         self.headers = headers or {}
+        self.partial = partial  # a stopped loop's findings: {"count", "points"}
 
 
 class Slot:
@@ -131,6 +139,14 @@ class Service:
         if s.model_version is not None:  # the CLI resolved the URI already
             return Predictor(s.model, version=s.model_version, **kwargs)
         return Predictor.load(s.model, **kwargs)
+
+    def cut_in_flight(self) -> None:
+        """Shutdown time is running out: answer every admitted request now (503 with the
+        points found so far; a stream ends with an error record) rather than be cut off by
+        the server with a bare 500."""
+        if self.batcher is not None:
+            stopped = self.batcher.stop_all("server shutting down")
+            log.warning("graceful shutdown time is running out: stopped %d request(s)", stopped)
 
     async def stop(self) -> None:
         """Stop being ready, let admitted requests finish, release the threads."""
@@ -268,12 +284,38 @@ class Service:
             threshold = self.predictor.info.done_threshold
         return threshold, max_objects, time.monotonic() + deadline_s
 
-    async def wait(self, job: Job) -> Prediction:
-        """The job's prediction, or the error answer its failure means."""
+    async def wait(self, job: Job, receive: Receive | None = None) -> Prediction:
+        """The job's prediction, or the error answer its failure means.
+
+        With the request's ``receive``, a client that disconnects (gave up, timed out) has
+        its job cancelled: the batcher drops it between steps instead of stepping to the
+        end for nobody, and the answer is 499 (which no one reads, but metrics count).
+        """
+        if receive is None:
+            return await _result(job)
+        gone = asyncio.ensure_future(_client_gone(receive))
         try:
-            return await job.future
-        except Exception as exc:
-            raise as_serve_error(exc) from None
+            await asyncio.wait((job.future, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not job.future.done():
+            job.future.cancel()
+            raise ServeError(499, "client closed the request; its loop was stopped")
+        return await _result(job)
+
+
+async def _result(job: Job) -> Prediction:
+    """The job's prediction, its failure as the error answer."""
+    try:
+        return await job.future
+    except Exception as exc:
+        raise as_serve_error(exc) from None
+
+
+async def _client_gone(receive: Receive) -> None:
+    """Returns when the client disconnects (the body has been read: nothing else comes)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _unnamed(exc: Exception) -> str:
@@ -286,7 +328,7 @@ def as_serve_error(exc: BaseException) -> ServeError:
     if isinstance(exc, ServeError):
         return exc
     if isinstance(exc, DeadlineError):
-        return ServeError(504, f"deadline: {exc}")
+        return ServeError(504, f"deadline: {exc}", partial=exc.partial)
     if isinstance(exc, ShuttingDownError):
-        return ServeError(503, str(exc), {"Retry-After": "1"})
+        return ServeError(503, str(exc), {"Retry-After": "1"}, partial=exc.partial)
     return ServeError(500, f"inference failed: {exc}")

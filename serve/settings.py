@@ -17,6 +17,7 @@ SETTINGS_ENV = "SEQOPS_SERVE_SETTINGS"
 DEFAULT_MODEL_URI = "models:/seqops@champion"
 DEFAULT_API_KEY_ENV = "SEQOPS_API_KEY"
 MIB = 1024 * 1024
+SHUTDOWN_MARGIN_S = 2.0  # in-flight requests are answered this long before shutdown ends
 
 
 class ServeSettings(BaseModel):
@@ -38,8 +39,16 @@ class ServeSettings(BaseModel):
     max_queue: int = Field(32, ge=1)
     queue_full_status: int = 429  # or 503, for clients that only retry on 503
     deadline_s: float = Field(30.0, gt=0)  # per-request default; requests may ask for less
-    max_deadline_s: float = Field(300.0, gt=0)
+    max_deadline_s: float = Field(60.0, gt=0)
+    # SIGTERM: finish in-flight requests for up to this long. Requests still running
+    # SHUTDOWN_MARGIN_S before the end are answered 503 with their points so far, so it
+    # must exceed the largest deadline by that margin (a request admitted just before
+    # SIGTERM can still reach its own deadline).
+    graceful_timeout_s: float = Field(65.0, gt=0)
+    max_connections: int = Field(256, ge=1)  # open connections (idle too); beyond: 503
+    keep_alive_s: float = Field(5.0, gt=0)  # an idle connection (also a silent new one) closes
     max_body_bytes: int = Field(20 * MIB, ge=1024)
+    body_timeout_s: float = Field(30.0, gt=0)  # the whole body within this, else 408
     max_pixels: int = Field(40_000_000, ge=1)  # decoded width x height (decompression bombs)
     min_image_side: int = Field(16, ge=1)  # smaller images get 422: nothing to count there
     max_objects: int = Field(DEFAULT_MAX_OBJECTS, ge=1)  # per-request default
@@ -55,6 +64,11 @@ class ServeSettings(BaseModel):
         if self.max_objects > self.max_objects_limit:
             raise ValueError(
                 f"max_objects={self.max_objects} exceeds max_objects_limit={self.max_objects_limit}"
+            )
+        if self.max_deadline_s + SHUTDOWN_MARGIN_S > self.graceful_timeout_s:
+            raise ValueError(
+                f"max_deadline_s={self.max_deadline_s} + {SHUTDOWN_MARGIN_S} s exceeds"
+                f" graceful_timeout_s={self.graceful_timeout_s}: a request could outlive shutdown"
             )
         if self.deadline_s > self.max_deadline_s:
             raise ValueError(
