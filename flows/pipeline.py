@@ -261,14 +261,54 @@ def pipeline(overrides: dict[str, Any] | None = None, promote: bool = True) -> d
     }
 
 
+# The figures a person reads first (evaluate.py's headline, in this order): key -> label, format.
+SUMMARY_FIGURES = {
+    "count_mae": ("count MAE", "{:.3f}"),
+    "count_exact_acc": ("exact", "{:.0%}"),
+    "f1": ("points F1", "{:.3f}"),
+    "px_err_median": ("px median", "{:.2f}"),
+    "review_flagged_share": ("flagged for review", "{:.0%}"),
+    "latency_ms_per_image": ("ms/image", "{:.0f}"),
+}
+
+
+def _figure(metrics: dict[str, Any], key: str) -> str:
+    label, fmt = SUMMARY_FIGURES[key]
+    value = metrics.get(key)
+    return f"{label} {'n/a' if value is None else fmt.format(value)}"
+
+
+def summary_text(result: dict[str, Any]) -> str:
+    """What a flow run did, in a few lines: the params it changed, the model version and its
+    headline figures, whether it became the champion, and where to look next."""
+    decision, changes = result["decision"], result["changes"]
+    name, version = decision["model_name"], decision["version"]
+    verdict = "promoted to @champion" if decision["promoted"] else "not promoted"
+    changed = ", ".join(f"{k}: {c['old']!r} -> {c['new']!r}" for k, c in changes.items())
+    lines = [
+        f"model {name} version {version} (models:/{name}/{version}): {verdict}",
+        f"  {decision['reason']}",
+        "  " + ", ".join(_figure(decision["metrics"], k) for k in SUMMARY_FIGURES),
+        f"  params.yaml: {changed} (kept; `git checkout params.yaml` undoes)"
+        if changes
+        else "  params.yaml: unchanged",
+        f"  next: dvc metrics show | seqops plots | make mlflow-ui (run {result['mlflow_run_id']})"
+        " | seqops serve",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m flows.pipeline [--set key=value ...] [--no-promote]``: one flow run."""
     parser = argparse.ArgumentParser(
         prog="python -m flows.pipeline", description=pipeline.__doc__.splitlines()[0]
     )
-    add_overrides_argument(parser)
+    add_overrides_argument(parser, written=True)
     parser.add_argument(
         "--no-promote", action="store_true", help="compare with the champion, move nothing"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the whole result as JSON, not a summary"
     )
     args = parser.parse_args(argv)
     try:
@@ -280,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # the flow run's log already holds the traceback
         print(f"seqops pipeline failed: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(result["decision"], indent=2))
+    print(json.dumps(result, indent=2) if args.json else summary_text(result))
     return 0
 
 

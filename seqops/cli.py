@@ -45,17 +45,24 @@ def add_parser(sub: argparse._SubParsersAction, name: str, **kwargs) -> argparse
     return sub.add_parser(name, formatter_class=HelpFormatter, **kwargs)
 
 
-def add_overrides_argument(parser: argparse.ArgumentParser, example: str) -> None:
+def add_overrides_argument(
+    parser: argparse.ArgumentParser, example: str = "train.epochs=3", written: bool = False
+) -> None:
     """Repeatable ``--set KEY=VALUE`` (into ``args.overrides``), for :func:`load_params`;
-    ``example`` is an override this command reads."""
+    ``example`` is an override the command reads; ``written``: the command writes the
+    overrides into params.yaml (the flow), rather than using them for one run."""
+    where = (
+        "written into params.yaml, as `dvc exp run -S` does; `git checkout params.yaml` undoes"
+        if written
+        else "for this run only; params.yaml is not changed"
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help=f"override a parameter for this run only, e.g. --set {example} (repeatable; "
-        "values are YAML; params.yaml is not changed)",
+        help=f"override a parameter, e.g. --set {example} (repeatable; values are YAML; {where})",
     )
 
 

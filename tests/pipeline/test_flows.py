@@ -13,7 +13,14 @@ import sys
 import pytest
 from flow_fixtures import make_workspace, run
 
-from flows.pipeline import DEFAULT_MLFLOW_UI, MLFLOW_UI_ENV, main, mlflow_ui_url, pipeline
+from flows.pipeline import (
+    DEFAULT_MLFLOW_UI,
+    MLFLOW_UI_ENV,
+    main,
+    mlflow_ui_url,
+    pipeline,
+    summary_text,
+)
 from seqops.config import load_params
 
 
@@ -31,6 +38,23 @@ def test_the_command_line_takes_the_cli_set_option_and_rejects_a_bad_one(capsys)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "expected KEY=VALUE" in err and "--set KEY=VALUE" in err
+
+
+def test_the_summary_says_what_the_run_did_in_a_few_lines():
+    from seqops.config import PromoteConfig
+    from seqops.promote import decide_promotion
+
+    metrics = {"count_mae": 0.54, "count_exact_acc": 0.79, "f1": 0.94, "px_err_median": 1.99}
+    decision = decide_promotion("seqops", "3", metrics, PromoteConfig(metric="count_mae",
+                                higher_is_better=False), champion=None)  # fmt: skip
+    changes = {"train.epochs": {"old": 12, "new": 1}}
+    text = summary_text({"decision": decision, "changes": changes, "mlflow_run_id": "abc"})
+    lines = text.splitlines()
+    assert lines[0] == "model seqops version 3 (models:/seqops/3): promoted to @champion"
+    assert "count MAE 0.540, exact 79%, points F1 0.940, px median 1.99" in lines[2]
+    assert "flagged for review n/a" in lines[2]
+    assert "train.epochs: 12 -> 1 (kept; `git checkout params.yaml` undoes)" in lines[3]
+    assert "(run abc)" in lines[4] and len(lines) == 5
 
 
 # --- real flow runs ---------------------------------------------------------------------
