@@ -11,9 +11,10 @@ import secrets
 import zlib
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request, Security
+from fastapi import APIRouter, Depends, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
@@ -77,6 +78,20 @@ def require_api_key(
 
 
 API_KEY = Depends(require_api_key)  # for a router's or a route's ``dependencies``
+
+
+def answer_head(router: APIRouter) -> None:
+    """``HEAD`` on every GET route of ``router`` (probes and load balancers send it; 405
+    otherwise), as second routes kept out of the schema (one operation per method there
+    would repeat operation ids). Call once the router's routes are defined."""
+    for route in list(router.routes):
+        if isinstance(route, APIRoute) and "GET" in route.methods:
+            router.add_api_route(
+                route.path.removeprefix(router.prefix), route.endpoint, methods=["HEAD"],
+                include_in_schema=False,
+                dependencies=route.dependencies, response_model=route.response_model,
+                response_class=route.response_class,
+            )  # fmt: skip
 
 
 # --- OpenAPI --------------------------------------------------------------------------------

@@ -1,20 +1,21 @@
 """KServe v2 / Open Inference Protocol routes, so standard clients (``tritonclient.http``)
 work unchanged.
 
-Inputs: ``image`` as ``UINT8 [H, W, 3]`` (``[1, H, W, 3]`` also taken) or an encoded
-PNG/JPEG as ``BYTES [1]`` (base64 in JSON, raw in binary form), optionally ``exemplars``
-``[K, 4]`` boxes. Tensor data comes as JSON or, as ``tritonclient`` sends it by default, as
-binary after the JSON header (Triton's binary tensor extension,
-``Inference-Header-Content-Length``). Outputs ``count`` ``INT32 [1]``, ``points``
-``FP32 [N, 2]`` and ``count_confidence`` ``FP32 [1]`` (how likely the count is exact), always
-as JSON (which ``tritonclient`` reads too). Loop settings go in the
-request ``parameters``; errors are ``{"error": "..."}``.
-"""
+Inputs: ``image`` as ``UINT8 [H, W, 3]`` (``[1, H, W, 3]`` also taken) or an encoded image
+as ``BYTES [1]`` (the element is the file or its base64 text, read alike in JSON and in
+binary form), optionally ``exemplars`` ``[K, 4]`` boxes. Tensor data comes as JSON or, as
+``tritonclient`` sends it by default, as binary after the JSON header (Triton's binary
+tensor extension, ``Inference-Header-Content-Length``); a gzip or deflate body is taken
+(``Content-Encoding``). Outputs ``count`` ``INT32 [1]``, ``points`` ``FP32 [N, 2]`` and
+``count_confidence`` ``FP32 [1]`` (how likely the count is exact), as JSON or, when asked
+(``binary_data_output``, an output's ``binary_data``), as binary. Loop settings go in the
+request ``parameters``; errors are ``{"error": "..."}``."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 import math
 import re
 import struct
@@ -28,7 +29,7 @@ from pydantic import ValidationError
 from seqops import __version__
 from seqops.predictor import Prediction
 from serve.batcher import Job
-from serve.http_io import API_KEY, ServiceDep, inline_schema, read_body
+from serve.http_io import API_KEY, ServiceDep, answer_head, inline_schema, read_body
 from serve.schemas import (
     InferRequest,
     InferResponse,
@@ -71,32 +72,48 @@ health_router = APIRouter(prefix="/v2", tags=["kserve v2"])
 router = APIRouter(prefix="/v2", tags=["kserve v2"], dependencies=[API_KEY], responses=_ERRORS)
 
 
-def served_model(service: ServiceDep, model_name: str, version: str | None = None) -> Service:
-    """The service, once ``model_name`` (and ``version``) is the served model: 404 otherwise,
-    503 before the model is loaded."""
+def served_model(service: ServiceDep, model_name: str) -> Service:
+    """The service, once ``model_name`` is the served model: 404 otherwise, 503 before the
+    model is loaded."""
     if service.predictor is None:
         raise ServeError(503, "not ready: the model is still loading", {"Retry-After": "1"})
     served = service.predictor.info.name
     if model_name != served:
         raise ServeError(404, f"model {model_name!r} not found; this server serves {served!r}")
-    if version is not None and version != service.version:
-        raise ServeError(
-            404,
-            f"model {model_name!r} version {version!r} not found; serving {service.version!r}",
-        )
     return service
 
 
 ServedModel = Annotated[Service, Depends(served_model)]
 
 
-def _model_route(on: APIRouter, suffix: str, method: str, **options: Any):
+def served_version(service: ServedModel, model_name: str, version: str) -> None:
+    """404 unless ``version`` (a path segment of the versioned routes) is the served one."""
+    if version != service.version:
+        raise ServeError(
+            404,
+            f"model {model_name!r} version {version!r} not found; serving {service.version!r}",
+        )
+
+
+def _model_route(on: APIRouter, suffix: str, method: str | list[str], **options: Any):
     """Register the decorated endpoint for the model and for one version of it:
-    ``/models/{model_name}<suffix>`` and ``/models/{model_name}/versions/{version}<suffix>``."""
+    ``/models/{model_name}<suffix>`` and ``/models/{model_name}/versions/{version}<suffix>``
+    (only the latter takes, and checks, a version)."""
 
     def register(endpoint):
-        for base in ("/models/{model_name}", "/models/{model_name}/versions/{version}"):
-            on.add_api_route(base + suffix, endpoint, methods=[method], **options)
+        on.add_api_route(
+            f"/models/{{model_name}}{suffix}",
+            endpoint,
+            methods=[method] if isinstance(method, str) else method,
+            **options,
+        )
+        on.add_api_route(
+            f"/models/{{model_name}}/versions/{{version}}{suffix}",
+            endpoint,
+            methods=[method] if isinstance(method, str) else method,
+            dependencies=[Depends(served_version)],
+            **options,
+        )
         return endpoint
 
     return register
@@ -112,7 +129,10 @@ async def server_metadata() -> dict:
 
 
 @health_router.get(
-    "/health/live", summary="Liveness", response_model=ServerLive, responses={503: _ERRORS[503]}
+    "/health/live",
+    summary="Liveness",
+    response_model=ServerLive,
+    responses={503: _ERRORS[503]},
 )
 async def server_live(service: ServiceDep) -> dict:
     """Liveness: 503 only when the model failed to load."""
@@ -213,7 +233,38 @@ async def infer(request: Request, service: ServedModel) -> dict:
         job = Job(image, threshold, max_objects, deadline, prepare_ms=prepare_ms)
         slot.submit(job)
     prediction = await service.wait(job, request.receive)
-    return _infer_response(service, req, prediction, t0)
+    response = _infer_response(service, req, prediction, t0)
+    binary = _binary_outputs(req)
+    return _binary_response(response, binary) if binary else response
+
+
+def _binary_outputs(req: InferRequest) -> set[str]:
+    """The outputs the client asked for as binary data (Triton's binary tensor extension):
+    all of them with the request parameter ``binary_data_output`` (what ``tritonclient``
+    sends when it names no outputs), or those whose ``parameters.binary_data`` is true."""
+    names = [o.name for o in req.outputs] if req.outputs else list(OUTPUTS)
+    if (req.parameters or {}).get("binary_data_output") is True:
+        return set(names)
+    return {o.name for o in req.outputs or [] if (o.parameters or {}).get("binary_data") is True}
+
+
+def _binary_response(response: dict, binary: set[str]) -> Response:
+    """The JSON header with the ``binary`` outputs' data moved after it, little-endian, each
+    announced by ``binary_data_size`` and the header's length in
+    ``Inference-Header-Content-Length``."""
+    chunks = []
+    for tensor in response["outputs"]:
+        if tensor["name"] in binary:
+            dtype = _NUMERIC[tensor["datatype"]]
+            data = np.asarray(tensor.pop("data"), dtype).astype(np.dtype(dtype).newbyteorder("<"))
+            chunks.append(data.tobytes())
+            tensor["parameters"] = {"binary_data_size": len(chunks[-1])}
+    header = json.dumps(response).encode()
+    return Response(
+        header + b"".join(chunks),
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(len(header))},
+    )
 
 
 def _infer_response(service: Service, req: InferRequest, prediction: Prediction, t0: float) -> dict:
@@ -436,3 +487,6 @@ def _has_non_number(data: list) -> bool:
             elif isinstance(item, bool) or not isinstance(item, int | float):
                 return True
     return False
+
+
+answer_head(health_router)  # after every health route above

@@ -193,4 +193,6 @@ class RequestMetricsMiddleware:
         finally:
             self.metrics.inflight.dec()
             self.metrics.request_seconds.labels(label).observe(time.perf_counter() - start)
+            # A stream that failed after its 200 records its real outcome in the state.
+            status = scope.get("state", {}).get("outcome_status", status)
             self.metrics.requests.labels(label, reason_for(status)).inc()

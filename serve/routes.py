@@ -27,6 +27,7 @@ from serve.http_io import (
     API_KEY,
     ERROR_RESPONSES,
     ServiceDep,
+    answer_head,
     image_body_doc,
     parse_options,
     read_image_request,
@@ -199,7 +200,7 @@ async def predict_stream(
     sse = "text/event-stream" in request.headers.get("accept", "")
     job, t0 = await _start_count(service, request, query, stream=True)
     return StreamingResponse(
-        _stream_records(service, job, t0, sse),
+        _stream_records(request, service, job, t0, sse),
         media_type="text/event-stream" if sse else _NDJSONResponse.media_type,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -287,7 +288,9 @@ def _points_to_norm(points: list, image: PreparedImage, size: int) -> list[tuple
     return [tuple(p) for p in imaging.pixels_to_norm(model_px, size).tolist()]
 
 
-async def _stream_records(service: Service, job: Job, t0: float, sse: bool) -> AsyncIterator[bytes]:
+async def _stream_records(
+    request: Request, service: Service, job: Job, t0: float, sse: bool
+) -> AsyncIterator[bytes]:
     """The point records as the batcher pushes them, then the final (or error) record."""
     try:
         while (point := await job.stream.get()) is not None:
@@ -296,6 +299,8 @@ async def _stream_records(service: Service, job: Job, t0: float, sse: bool) -> A
             prediction = await job.future
         except Exception as exc:
             error = as_serve_error(exc)
+            # The 200 went out with the first record: tell the metrics what this really was.
+            request.state.outcome_status = error.status
             yield _encode_record(StreamError(status=error.status, detail=error.message), sse)
             return
         done = StreamDone(
@@ -318,3 +323,6 @@ def _encode_record(record: BaseModel, sse: bool) -> bytes:
     if sse:
         return f"event: {record.event}\ndata: {data}\n\n".encode()
     return (data + "\n").encode()
+
+
+answer_head(health_router)  # after every health route above

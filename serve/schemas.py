@@ -267,12 +267,14 @@ class InferRequest(BaseModel):
 
 
 class InferOutputTensor(BaseModel):
-    """An output tensor, always as JSON ``data``."""
+    """An output tensor: JSON ``data``, or (asked for as binary) ``parameters.binary_data_size``
+    bytes after the JSON header."""
 
     name: str
     shape: list[int]
     datatype: str
-    data: list
+    parameters: dict[str, Any] | None = None
+    data: list | None = None
 
 
 class InferResponse(BaseModel):
