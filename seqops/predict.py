@@ -130,7 +130,8 @@ def run_predict(
     source, model_dir, version = resolve_model(None if model is None else str(model))
     predictor = Predictor(model_dir, device=device, version=version)
     summary = model_summary(predictor, source)
-    log.info("model %s version %s (%s)", source, summary["version"], model_dir)
+    if source != str(model_dir):  # the predictor logged the directory; name what was asked
+        log.info("model %s is version %s", source, summary["version"])
     failed = 0
     for start in range(0, len(images), BATCH_SIZE):
         paths = images[start : start + BATCH_SIZE]
