@@ -13,7 +13,6 @@ be made again exactly (``.venv/bin/python scripts/make_examples.py``):
 from __future__ import annotations
 
 import io
-import json
 import sys
 from pathlib import Path
 
