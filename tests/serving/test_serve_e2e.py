@@ -8,70 +8,20 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from conftest import free_port
-from serve_fixtures import MODEL_VERSION, make_png, png_pixels, serve_model
+from serve_fixtures import MODEL_VERSION, Server, make_png, png_pixels, serve_model
 from tritonclient.utils import InferenceServerException
 
 pytestmark = pytest.mark.e2e
 
 PNG = make_png(96, 64)
-
-
-def seqops_command() -> list[str]:
-    script = Path(sys.executable).with_name("seqops")  # the installed console script
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "seqops.cli"]
-
-
-class Server:
-    """A `seqops serve` process; its output goes to a log file for failure messages."""
-
-    def __init__(self, model_dir: Path, log_path: Path, *args: str) -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        env = {k: v for k, v in os.environ.items() if k != "SEQOPS_API_KEY"}
-        command = [*seqops_command(), "serve", "--model", str(model_dir), "--port",
-                   str(self.port), "--device", "cpu", "--no-access-log", *args]  # fmt: skip
-        self.log = log_path.open("wb")
-        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        stop_at = time.monotonic() + timeout
-        while time.monotonic() < stop_at:
-            if self.proc.poll() is not None:
-                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        pytest.fail(f"server not ready after {timeout} s:\n{self.output()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
