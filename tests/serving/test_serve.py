@@ -32,7 +32,7 @@ from serve_fixtures import (
 
 from seqops.predictor import Predictor
 from serve.app import create_app
-from serve.batcher import DeadlineError, Job, QueueFullError, StepBatcher
+from serve.batcher import DeadlineError, Job, QueueFullError, ShuttingDownError, StepBatcher
 from serve.prometheus import ServeMetrics
 from serve.settings import ServeSettings
 
@@ -447,3 +447,61 @@ def test_admission_is_bounded():
         return info.value.retry_after
 
     assert asyncio.run(main()) >= 1
+
+
+def test_a_deadline_answers_504_with_the_points_found_so_far(predictor):
+    with make_client(predictor, max_objects_limit=100_000) as c:
+        response = c.post(
+            "/predict?max_objects=100000&deadline_s=0.3", content=PNG, headers=PNG_HEADERS
+        )
+        assert response.status_code == 504, response.text
+        partial = response.json()["partial"]
+        assert partial["count"] > 0 and len(partial["points"]) == partial["count"]
+        # The same points the loop gives when it is let run that far, in original pixels.
+        want = expected(predictor, max_objects=partial["count"])
+        assert np.allclose(partial["points"], want.points, atol=0.02)
+        request = {
+            "inputs": [
+                {"name": "image", "datatype": "BYTES", "shape": [1],
+                 "data": [base64.b64encode(PNG).decode()]}
+            ],
+            "parameters": {"max_objects": 100000, "deadline_s": 0.3},
+        }  # fmt: skip
+        infer = c.post("/v2/models/seqops/infer", json=request)
+        assert infer.status_code == 504 and infer.json()["partial"]["count"] > 0
+
+
+def test_shutdown_running_out_stops_every_request_with_its_points(predictor):
+    """What SIGTERM does when the graceful timeout nears its end (Service.cut_in_flight)."""
+
+    async def main():
+        batcher = StepBatcher(predictor, 4, 8, ServeMetrics(), 4)
+        batcher.start()
+        futures = []
+        for seed in range(3):
+            batcher.admit()
+            job = Job(predictor.prepare(make_png(96, 64, seed=seed)), 0.5, 100_000, 1e12)
+            futures.append(batcher.submit(job))
+        await asyncio.sleep(0.3)
+        stopped = batcher.stop_all("server shutting down")
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        await batcher.close()
+        return stopped, results
+
+    stopped, results = asyncio.run(main())
+    assert stopped == 3
+    for result in results:
+        assert isinstance(result, ShuttingDownError) and "stopped after" in str(result)
+        assert result.partial["count"] > 0
+        assert len(result.partial["points"]) == result.partial["count"]
+
+
+def test_a_stream_failure_is_counted_by_its_status(client):
+    response = client.post(
+        "/predict/stream?max_objects=1000&deadline_s=0.05", content=PNG, headers=PNG_HEADERS
+    )
+    metrics = client.get("/metrics").text
+    if response.status_code == 200:  # the error came as the last record
+        assert json.loads(response.text.splitlines()[-1])["status"] == 504
+    assert 'seqops_requests_total{endpoint="predict_stream",reason="deadline"} 1.0' in metrics
+    assert 'endpoint="predict_stream",reason="ok"' not in metrics

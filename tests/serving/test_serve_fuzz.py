@@ -35,7 +35,8 @@ def test_no_server_error_for_any_generated_request(tmp_path):
                    "--config-file", str(config), "run", f"{srv.base}/openapi.json",
                    "--checks", "not_a_server_error", "--max-time", str(SECONDS),
                    "--seed", "12", "--no-color", "--request-timeout", "30"]  # fmt: skip
-        run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        # cwd: schemathesis keeps a cache directory where it runs
+        run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert run.returncode == 0, run.stdout[-6000:] + srv.output()
         print(run.stdout[-600:])  # the number of requests, with pytest -s
         assert "Tested: 15" in run.stdout, run.stdout[-3000:]  # every operation was reached

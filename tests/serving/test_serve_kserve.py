@@ -168,3 +168,61 @@ def test_exemplar_model_requires_and_uses_boxes(tmp_path_factory):
         body = c.post("/v2/models/seqops/infer", json=request).json()
         points = np.reshape(body["outputs"][1]["data"], (-1, 2))
         assert np.allclose(points, want.points, atol=0.02)
+
+
+def test_kserve_bytes_element_is_the_file_or_its_base64_in_json_and_binary(client):
+    def infer_binary(element: bytes):
+        tensor = InferInput("image", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([element], dtype=object))
+        body, json_size = InferenceServerClient.generate_request_body(
+            [tensor], parameters={"max_objects": 2}, outputs=[]
+        )
+        return client.post(
+            "/v2/models/seqops/infer",
+            content=body,
+            headers={"Inference-Header-Content-Length": str(json_size)},
+        )
+
+    as_file = infer_binary(PNG)
+    as_base64 = infer_binary(base64.b64encode(PNG))
+    as_json = client.post(
+        "/v2/models/seqops/infer",
+        json={
+            "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                        "data": [base64.b64encode(PNG).decode()]}],
+            "parameters": {"max_objects": 2},
+        },
+    )  # fmt: skip
+    points = [
+        InferenceServerClient.parse_response_body(
+            r.content,
+            header_length=int(r.headers.get("Inference-Header-Content-Length", 0)) or None,
+        ).as_numpy("points")
+        for r in (as_file, as_base64, as_json)
+    ]
+    assert all(r.status_code == 200 for r in (as_file, as_base64, as_json))
+    assert np.allclose(points[0], points[1]) and np.allclose(points[0], points[2])
+
+
+def test_kserve_binary_output_only_when_asked(client):
+    request = _uint8_request(png_pixels(PNG), parameters={"max_objects": 2})
+    request["outputs"] = [
+        {"name": "count", "parameters": {"binary_data": True}},
+        {"name": "points"},
+    ]
+    response = client.post("/v2/models/seqops/infer", json=request)
+    length = int(response.headers["Inference-Header-Content-Length"])
+    header = json.loads(response.content[:length])
+    assert header["outputs"][0]["parameters"] == {"binary_data_size": 4}
+    assert np.frombuffer(response.content[length:], "<i4").tolist() == [2]
+    assert len(header["outputs"][1]["data"]) == 4  # points stay JSON
+
+
+def test_kserve_openapi_and_head(client):
+    spec = client.get("/openapi.json").json()
+    unversioned = spec["paths"]["/v2/models/{model_name}/infer"]["post"]
+    assert [p["name"] for p in unversioned["parameters"]] == ["model_name"]
+    assert "application/json" in unversioned["requestBody"]["content"]
+    for path in ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready",
+                 "/v2/models/seqops/ready"):  # fmt: skip
+        assert client.head(path).status_code == 200, path
