@@ -96,7 +96,8 @@ def main() -> int:
     print(
         "\nWhere to look:\n"
         f"  annotated image   {out_dir.relative_to(ROOT)}/ (numbered points)\n"
-        "  metrics           metrics/evaluate.json, `dvc metrics show`, `dvc plots show`\n"
+        "  metrics           `dvc metrics show`, reports/evaluate/metrics.json (every figure)\n"
+        "  plots             `.venv/bin/seqops plots` -> reports/plots/*.png\n"
         "  MLflow UI         make mlflow-ui   -> http://127.0.0.1:5000\n"
         "  Prefect UI        make prefect-server -> http://127.0.0.1:4200\n"
         f"  serve it yourself .venv/bin/seqops serve --model models:/seqops@champion"
