@@ -19,6 +19,7 @@ from fastapi import FastAPI
 from seqops import __version__
 from seqops.predictor import Predictor
 from serve import kserve, routes
+from serve.docs import install_docs
 from serve.http_io import BodyLimitMiddleware, install_error_handlers
 from serve.prometheus import RequestMetricsMiddleware, ServeMetrics
 from serve.service import Service
@@ -51,7 +52,10 @@ def create_app(settings: ServeSettings, predictor: Predictor | None = None) -> F
         version=__version__,
         summary="Counts objects one at a time; step-batched onnxruntime serving.",
         lifespan=lifespan,
+        docs_url=None,  # serve/docs.py: the same pages, assets from the package
+        redoc_url=None,
     )
+    install_docs(app)
     app.state.service = service
     install_error_handlers(app)
     for router in (routes.health_router, routes.router, kserve.health_router, kserve.router):

@@ -505,3 +505,11 @@ def test_a_stream_failure_is_counted_by_its_status(client):
         assert json.loads(response.text.splitlines()[-1])["status"] == 504
     assert 'seqops_requests_total{endpoint="predict_stream",reason="deadline"} 1.0' in metrics
     assert 'endpoint="predict_stream",reason="ok"' not in metrics
+
+
+def test_docs_load_their_assets_from_the_server_not_a_cdn(client):
+    for page in ("/docs", "/redoc"):
+        html = client.get(page).text
+        assert not re.findall(r"https?://", html), page  # works offline
+        assets = re.findall(r'(?:src|href)="([^"]+)"', html)
+        assert assets and all(client.get(a).status_code == 200 for a in assets), assets
