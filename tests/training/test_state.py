@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 
@@ -14,7 +15,7 @@ from seqops.config import Params
 from seqops.model import SeqCounter, spec_from_params
 from seqops.training import checkpoint as ckpt
 from seqops.training.state import EarlyStopping, TrainingState, resume_mismatch
-from seqops.training.train import build_scheduler
+from seqops.training.train import build_scheduler, report_resumed
 
 
 def make_state(params: Params, seed: int) -> TrainingState:
@@ -124,6 +125,18 @@ def test_auto_continues_only_a_run_with_epochs_left(tmp_path, tiny_params, caplo
     assert "it has 2 epochs and train.epochs is 2; training from scratch" in caplog.text
     assert make_state(two, seed=0).resume(path, "require")
     assert make_state(shrink_params("train.epochs=3"), seed=0).resume(path, "auto")
+
+
+def test_a_resumed_run_with_nothing_left_to_train_says_so(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="seqops.training.train")
+    state = make_state(shrink_params("train.epochs=2"), seed=0)
+    state.end_epoch(2, 0.5)
+    report_resumed(state, tmp_path / "last.pt", "require")
+    assert "last.pt has 2 epochs and train.epochs is 2: nothing to train" in caplog.text
+    caplog.clear()
+    state.end_epoch(1, 0.5)  # an epoch left: no warning
+    report_resumed(state, tmp_path / "last.pt", "auto")
+    assert "resuming" in caplog.text and "nothing to train" not in caplog.text
 
 
 def test_resume_mismatch_names_what_differs(tiny_params):
