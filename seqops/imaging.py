@@ -31,6 +31,7 @@ MAX_IMAGE_PIXELS = 64_000_000
 # The formats decoded (Pillow's names); others are refused by name, not guessed at. They are
 # what cameras, scanners and browsers produce; GIF, ICO, PSD, PDF and the rest are not taken.
 FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP")
+_ORIENTATION = 0x0112  # the EXIF tag
 # Transparent pixels are shown over white, as a browser page shows them.
 BACKGROUND = (255, 255, 255)
 
@@ -51,19 +52,34 @@ def load_image(
     source: str | Path | bytes,
     max_pixels: int = MAX_IMAGE_PIXELS,
     formats: tuple[str, ...] = FORMATS,
-    draft_size: int | None = None,
 ) -> Image.Image:
     """Decode an image (path or bytes) into 8-bit RGB, turned as its EXIF orientation says.
 
     The pixels are the image as a viewer shows it: EXIF orientation applied (so points are
     where the user sees the objects), 16-bit and float greyscale scaled to 8 bits rather than
-    clipped, transparency over :data:`BACKGROUND`. ``draft_size``: a JPEG may be decoded at
-    a reduced scale (1/2 to 1/8) as long as both sides stay at least this large; callers
-    that resize to a model input anyway save most of the decoding memory and time.
+    clipped, transparency over :data:`BACKGROUND`.
 
     Raises:
         UnsupportedImageError: a format outside ``formats``, or a mode with no 8-bit meaning.
-        ImageError: missing, undecodable, truncated or too large (names the source).
+        ImageTooLargeError: more than ``max_pixels`` (known from the header, before decoding).
+        ImageError: missing, undecodable or truncated (names the source).
+    """
+    return load_image_reduced(source, 0, max_pixels, formats)[0]
+
+
+def load_image_reduced(
+    source: str | Path | bytes,
+    min_side: int,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    formats: tuple[str, ...] = FORMATS,
+) -> tuple[Image.Image, tuple[int, int]]:
+    """:func:`load_image`, with a JPEG decoded at a reduced scale (1/2 to 1/8, in the
+    decoder: far less memory and time) as long as both sides stay at least ``min_side``.
+    For callers that resize to a model input of that side anyway.
+
+    Returns:
+        ``(image, (width, height))``: the RGB image and the full size as the user sees it
+        (EXIF orientation applied), the frame point coordinates refer to.
     """
     name = "<bytes>" if isinstance(source, bytes) else str(source)
     try:
@@ -78,8 +94,8 @@ def load_image(
                 raise ImageTooLargeError(
                     f"{name}: {width}x{height} = {width * height} pixels exceeds {max_pixels}"
                 )
-            if draft_size and image.format == "JPEG":
-                image.draft("RGB", (draft_size, draft_size))
+            if min_side and image.format == "JPEG":
+                image.draft("RGB", (min_side, min_side))
             image.load()  # decode now: a truncated file fails here, not later
         except ImageError:
             raise
@@ -89,8 +105,10 @@ def load_image(
             raise ImageError(f"{name}: not a decodable image ({exc})") from None
     if width < 1 or height < 1:
         raise ImageError(f"{name}: empty image ({width}x{height})")
+    if image.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8):  # turned by 90 degrees
+        width, height = height, width
     ImageOps.exif_transpose(image, in_place=True)
-    return to_rgb(image, name)
+    return to_rgb(image, name), (width, height)
 
 
 def _open(stream, name: str, formats: tuple[str, ...]) -> Image.Image:

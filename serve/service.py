@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -216,27 +217,57 @@ class Service:
     ) -> PreparedImage:
         """Encoded bytes or a uint8 ``[H, W, 3]`` array -> network inputs (pool thread)."""
         if isinstance(source, np.ndarray):
-            image = self._image_from_array(source)
-        else:
-            image = self._decode(source)
-        return self.predictor.prepare(image, exemplars)
+            return self.predictor.prepare(self._image_from_array(source), exemplars)
+        image, full_size = self._decode(source)
+        if image.size == full_size:
+            return self.predictor.prepare(image, exemplars)
+        # A reduced decode: boxes into its frame, then scale and size back to the full
+        # image's, so points and checks are in the pixels the client sent.
+        fx, fy = image.width / full_size[0], image.height / full_size[1]
+        self._check_boxes(exemplars, full_size)
+        boxes = None if exemplars is None else [
+            [min(x1 * fx, image.width), min(y1 * fy, image.height),
+             min(x2 * fx, image.width), min(y2 * fy, image.height)]
+            for x1, y1, x2, y2 in exemplars
+        ]  # fmt: skip
+        prepared = self.predictor.prepare(image, boxes)
+        size = self.predictor.info.image_size
+        scale = (size / full_size[0], size / full_size[1])
+        return dataclasses.replace(prepared, orig_size=full_size, scale=scale)
 
-    def _decode(self, data: bytes) -> Image.Image:
-        """Encoded bytes -> RGB image as the user sees it (EXIF orientation applied); 413
-        before decoding any pixel when the header announces too many, 415 for a format or
-        pixel mode not taken (the message names it), 400 when undecodable."""
+    @staticmethod
+    def _check_boxes(exemplars: Sequence | None, full_size: tuple[int, int]) -> None:
+        """Exemplar boxes must lie in the image the client sent (the predictor checks them
+        again, in the reduced frame; this says it in the client's pixels)."""
+        width, height = full_size
+        for box in exemplars or []:
+            x1, y1, x2, y2 = box
+            if not (0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height):
+                raise ServeError(
+                    422,
+                    f"exemplars: box {list(box)} is empty or outside the {width}x{height} image",
+                )
+
+    def _decode(self, data: bytes) -> tuple[Image.Image, tuple[int, int]]:
+        """Encoded bytes -> RGB image as the user sees it (EXIF orientation applied) and its
+        full size; a JPEG is decoded reduced (down to the model's input side), a large
+        photo then costs a fraction of its full decoding memory. 413 before decoding any
+        pixel when the header announces too many, 415 for a format or pixel mode not taken
+        (the message names it), 400 when undecodable."""
         if not data:
             raise ServeError(400, "image: the body is empty")
         try:
-            image = imaging.load_image(data, max_pixels=self.settings.max_pixels)
+            image, full_size = imaging.load_image_reduced(
+                data, self.predictor.info.image_size, max_pixels=self.settings.max_pixels
+            )
         except imaging.ImageTooLargeError as exc:
             raise ServeError(413, f"image: {_unnamed(exc)}") from None
         except imaging.UnsupportedImageError as exc:
             raise ServeError(415, f"image: {_unnamed(exc)}") from None
         except imaging.ImageError as exc:
             raise ServeError(400, f"image: {_unnamed(exc)}") from None
-        self._check_size(*image.size)
-        return image
+        self._check_size(*full_size)
+        return image, full_size
 
     def _image_from_array(self, array: np.ndarray) -> Image.Image:
         """A uint8 ``[H, W, 3]`` array -> RGB image, with the same checks as decoding."""

@@ -11,6 +11,7 @@ from seqops.imaging import (
     UnsupportedImageError,
     grid_centres,
     load_image,
+    load_image_reduced,
     norm_to_pixels,
     normalize_pixels,
     pixels_to_norm,
@@ -187,7 +188,15 @@ def test_exif_orientation_is_applied():
     assert seen[:5, -5:].min() == 255 and seen[:5, :5].max() == 0  # now at the top right
 
 
-def test_a_jpeg_draft_decodes_smaller_but_not_below_the_size_asked():
+def test_a_reduced_jpeg_decode_stays_above_the_size_asked_and_knows_the_full_size():
     big = _encode(Image.new("RGB", (1600, 1200), (50, 100, 150)), "JPEG")
     assert load_image(big).size == (1600, 1200)
-    assert load_image(big, draft_size=300).size == (400, 300)
+    image, full = load_image_reduced(big, 300)
+    assert image.size == (400, 300) and full == (1600, 1200)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    turned = _encode(Image.new("RGB", (1600, 1200)), "JPEG", exif=exif)
+    image, full = load_image_reduced(turned, 300)
+    assert image.size == (300, 400) and full == (1200, 1600)
+    png = _encode(Image.new("RGB", (1600, 1200)), "PNG")  # no reduced decoding: full size
+    assert load_image_reduced(png, 300)[0].size == (1600, 1200)

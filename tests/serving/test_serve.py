@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import math
 import re
@@ -513,3 +514,21 @@ def test_docs_load_their_assets_from_the_server_not_a_cdn(client):
         assert not re.findall(r"https?://", html), page  # works offline
         assets = re.findall(r'(?:src|href)="([^"]+)"', html)
         assert assets and all(client.get(a).status_code == 200 for a in assets), assets
+
+
+def test_a_large_jpeg_is_decoded_reduced_and_answered_in_its_own_pixels(client, predictor):
+    from PIL import Image
+
+    from seqops.imaging import load_image_reduced
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (60, 80, 3), np.uint8).repeat(16, 0).repeat(16, 1)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)  # 1280x960
+    jpeg = buffer.getvalue()
+    reduced, full = load_image_reduced(jpeg, predictor.info.image_size)
+    assert full == (1280, 960) and reduced.size == (160, 120)  # 1/8: the model takes 64 px
+    want = predictor.predict([reduced], max_objects=5)[0]
+    response = client.post("/predict", content=jpeg, headers={"content-type": "image/jpeg"})
+    assert response.status_code == 200, response.text
+    assert np.allclose(response.json()["points"], np.asarray(want.points) * 8, atol=0.2)
