@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 from PIL import Image
 
 from seqops import tracking
@@ -95,3 +96,34 @@ def test_resuming_continues_the_same_run_and_unknown_ids_start_a_new_one(client)
     fresh = tracking.start_run({}, resume_run_id="0" * 32)
     assert not fresh.resumed and fresh.run_id != first.run_id
     fresh.finish()
+
+
+def test_a_deferring_run_keeps_calls_while_no_server_answers_and_says_so_once(caplog):
+    """No server on the port: the calls are kept in order, one warning says so, and the end
+    of the run names what could not be sent (the long outage test is in tests/training)."""
+    from mlflow import MlflowClient
+
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    run = tracking.TrackedRun(MlflowClient(uri), "0" * 32, "1", uri, defer_when_unreachable=True)
+    with caplog.at_level("WARNING", logger="seqops.tracking"):
+        assert run.log_metrics({"val/loss": 1.5}, step=1) == 1
+        run.set_tags({"device": "cpu"})
+        run.log_image(Image.new("RGB", (8, 8)), "pictures/epoch_001/sample_0.png")
+        assert run.pending == ["metrics at step 1", "tags", "pictures/epoch_001/sample_0.png"]
+        run.finish(wait_seconds=0.1)
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("is unreachable" in m for m in messages) == 1, messages
+    assert "4 calls not sent (metrics at step 1, tags, pictures/" in messages[-1]
+
+
+def test_only_a_server_that_cannot_answer_is_waited_for():
+    from mlflow.exceptions import MlflowException, RestException
+
+    refused = MlflowException("API request to http://x/api failed with exception refused")
+    assert tracking.is_unreachable(refused)
+    assert tracking.is_unreachable(RestException({"error_code": "TEMPORARILY_UNAVAILABLE"}))
+    assert tracking.is_unreachable(RestException({"error_code": "INTERNAL_ERROR"}))
+    # The server answered that the call is wrong: sending it again would not help.
+    assert not tracking.is_unreachable(RestException({"error_code": "INVALID_PARAMETER_VALUE"}))
+    assert not tracking.is_unreachable(MlflowException("bad", "RESOURCE_DOES_NOT_EXIST"))
+    assert not tracking.is_unreachable(ValueError("a bug"))

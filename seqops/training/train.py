@@ -204,7 +204,10 @@ def start_tracking(run: Run) -> TrackedRun:
     """Start the MLflow run, or continue the resumed checkpoint's; the state keeps its id."""
     tags = {"device": run.device.type, "dvc_stage": "train", "world_size": run.dist.world_size}
     state = run.state
-    tracker = start_run(run.params.model_dump(mode="json"), tags, resume_run_id=state.run_id)
+    tracker = start_run(
+        run.params.model_dump(mode="json"), tags, resume_run_id=state.run_id,
+        defer_when_unreachable=True,  # a server that goes away does not stop training
+    )  # fmt: skip
     if state.history and not tracker.resumed:  # a new run for an old checkpoint: replay curves
         for row in state.history:
             tracker.log_metrics(row, step=int(row["epoch"]))
