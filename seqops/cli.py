@@ -146,7 +146,9 @@ def _register_data(sub: argparse._SubParsersAction) -> None:
     p = add_parser(
         data_sub, "stats", help="a prepared dataset in short: images, objects, skipped items"
     )
-    p.add_argument("dataset", type=Path, nargs="?", default=Path("data/prepared"))
+    p.add_argument(
+        "dataset", type=Path, nargs="?", default=Path("data/prepared"), help="prepared dataset"
+    )
     _add_json_flag(p)
     p.set_defaults(func=cmd_data_stats)
     p = add_parser(
@@ -155,7 +157,9 @@ def _register_data(sub: argparse._SubParsersAction) -> None:
         help="the share of done=1 training steps under the sampling settings",
     )
     add_params_arguments(p, "sampling.done_share=0.3")
-    p.add_argument("dataset", type=Path, nargs="?", default=Path("data/prepared"))
+    p.add_argument(
+        "dataset", type=Path, nargs="?", default=Path("data/prepared"), help="prepared dataset"
+    )
     p.add_argument("--split", default="train", help="a split of the dataset")
     _add_json_flag(p)
     p.set_defaults(func=cmd_data_balance)
@@ -289,7 +293,9 @@ def _register_evaluate(sub: argparse._SubParsersAction) -> None:
     add_params_arguments(p, "evaluate.match_radius_px=8")
     p.add_argument("--model", default="models/onnx", help="model directory or models:/ URI")
     p.add_argument("--data", type=Path, default=Path("data/prepared"), help="prepared dataset")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument(
+        "--split", default="test", choices=("train", "val", "test"), help="the split to count"
+    )
     p.add_argument(
         "--metrics",
         type=Path,
