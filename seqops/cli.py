@@ -21,7 +21,7 @@ log = logging.getLogger("seqops")
 
 
 EPILOG = """examples:
-  seqops predict examples/shapes.png --out outputs/predict   count a sample image
+  seqops predict examples/scene.png --out outputs/predict    count a sample image
   seqops serve                                               HTTP API on 127.0.0.1:8000
   seqops data stats                                          the prepared dataset in short
   dvc repro                                                  the pipeline (with .venv/bin on PATH)
