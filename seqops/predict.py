@@ -56,7 +56,10 @@ def resolve_model(given: str | None) -> tuple[str, Path, str | None]:
             errors.append(str(exc))
             continue
         return candidate, model_dir, version
-    raise PredictorError("no model found: " + "; ".join(errors))
+    raise PredictorError(
+        "no model found: " + "; ".join(errors) + f" (pass --model, set {MODEL_ENV}, or make "
+        "one with `make demo` or `dvc repro`)"
+    )
 
 
 def model_summary(predictor: Any, source: str) -> dict[str, Any]:

@@ -101,3 +101,18 @@ def test_the_console_script_counts_a_jpeg(tmp_path: Path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["count"] == 200 and result["stopped_by"] == "max_objects"
+
+
+def test_without_a_model_the_error_says_what_was_tried_and_what_to_do(
+    tmp_path: Path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # no mlflow.db, no models/onnx here
+    monkeypatch.delenv("SEQOPS_MODEL", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    image = write_image(tmp_path / "image.png", (32, 32))
+    assert main(["predict", str(image)]) == 2
+    err = capsys.readouterr().err
+    assert "no model found: models/onnx: not a model directory" in err
+    assert "pass --model, set SEQOPS_MODEL, or make one with `make demo`" in err
+    # The registry is asked only where a store exists: asking would create an empty one.
+    assert not (tmp_path / "mlflow.db").exists()
