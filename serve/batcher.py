@@ -91,7 +91,8 @@ class StepBatcher:
     Args:
         predictor: the loaded predictor.
         max_active: images in the loop together at most (1: one request at a time).
-        max_queue: requests admitted but not yet stepping; beyond it :class:`QueueFullError`.
+        max_queue: requests admitted but not yet stepping, beyond the loop's free places;
+            beyond it :class:`QueueFullError`.
         metrics: where step/encode/batch/queue observations go.
         run_batch: images per onnxruntime run. A turn encodes the newcomers and steps every
             active image, in runs of this many. On a CPU a step's
@@ -129,7 +130,10 @@ class StepBatcher:
         """Reserve a queue place before decoding; raises at once when there is none."""
         if self._closing:
             raise ShuttingDownError("server is shutting down")
-        if self._pending >= self.max_queue:
+        # The queue's bound plus the loop's free places: when an image leaves the loop, its
+        # place counts at once, not only after the next turn has moved a waiting job in
+        # (else a full house of clients, max_active + max_queue, saw 429s).
+        if self._pending >= self.max_queue + max(self.max_active - len(self._active), 0):
             raise QueueFullError(self.retry_after())
         self._pending += 1
         self.metrics.queue_depth.inc()

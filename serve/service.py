@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import io
 import logging
+import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -73,6 +75,40 @@ class Slot:
         self.submitted = True
 
 
+class PixelBudget:
+    """At most ``limit`` pixels being decoded at once, over all decode threads: Pillow holds
+    4 bytes a pixel, so two 36 MP images side by side cost ~300 MB more than one after the
+    other. Large images decode in turn; small ones still side by side."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._used = 0
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        """Wait (in a pool thread) until ``pixels`` fit, hold them for the block."""
+        pixels = min(pixels, self._limit)
+        with self._changed:
+            self._changed.wait_for(lambda: self._used + pixels <= self._limit)
+            self._used += pixels
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._used -= pixels
+                self._changed.notify_all()
+
+
+def _header_pixels(data: bytes) -> int:
+    """Width x height from the image's header (0 when unreadable: decoding says why)."""
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            return probe.width * probe.height
+    except Exception:  # any failure is load_image's to report, by kind
+        return 0
+
+
 class Service:
     """Owns the predictor, the batcher and the decode threads of one server process."""
 
@@ -91,6 +127,7 @@ class Service:
         self._decode_pool = ThreadPoolExecutor(
             settings.decode_threads, thread_name_prefix="seqops-decode"
         )
+        self._pixel_budget = PixelBudget(settings.max_pixels)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -256,10 +293,18 @@ class Service:
         (the message names it), 400 when undecodable."""
         if not data:
             raise ServeError(400, "image: the body is empty")
+        size = self.predictor.info.image_size
         try:
-            image, full_size = imaging.load_image_reduced(
-                data, self.predictor.info.image_size, max_pixels=self.settings.max_pixels
-            )
+            with self._pixel_budget.hold(_header_pixels(data)):
+                image, full_size = imaging.load_image_reduced(
+                    data, size, max_pixels=self.settings.max_pixels
+                )
+                # Shrink by a whole factor while both sides stay >= the model's input (the
+                # box filter Pillow's own resize uses on the way), so the conversions and
+                # the resize after this work on a fraction of the pixels.
+                factor = min(image.width, image.height) // size
+                if factor >= 2:
+                    image = image.reduce(factor)
         except imaging.ImageTooLargeError as exc:
             raise ServeError(413, f"image: {_unnamed(exc)}") from None
         except imaging.UnsupportedImageError as exc:

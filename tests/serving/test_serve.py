@@ -350,17 +350,22 @@ def test_json_routes_declare_the_response_model_that_validates_them(client):
 
 
 def test_full_queue_answers_429_with_retry_after(predictor):
+    # The places: the queue's (1) and the loop's free ones (1).
     with make_client(predictor, max_queue=1, max_active=1) as c:
-        c.app.state.service.batcher.admit()  # another request holds the only place
+        for _ in range(2):
+            c.app.state.service.batcher.admit()  # other requests hold every place
         response = c.post("/predict", content=PNG, headers=PNG_HEADERS)
         assert response.status_code == 429 and int(response.headers["retry-after"]) >= 1
         assert "queue is full" in response.json()["detail"]
         c.app.state.service.batcher.release()
         assert c.post("/predict", content=PNG, headers=PNG_HEADERS).status_code == 200
-    with make_client(predictor, max_queue=1, queue_full_status=503) as c:
-        c.app.state.service.batcher.admit()
+        c.app.state.service.batcher.release()
+    with make_client(predictor, max_queue=1, max_active=1, queue_full_status=503) as c:
+        for _ in range(2):
+            c.app.state.service.batcher.admit()
         assert c.post("/predict", content=PNG, headers=PNG_HEADERS).status_code == 503
-        c.app.state.service.batcher.release()  # else shutdown waits for that request
+        for _ in range(2):
+            c.app.state.service.batcher.release()  # else shutdown waits for them
 
 
 def test_deadline_answers_504(client):
@@ -439,8 +444,8 @@ def test_admission_is_bounded():
 
     async def main():
         batcher = StepBatcher(predictor=None, max_active=1, max_queue=2, metrics=metrics)
-        batcher.admit()
-        batcher.admit()
+        for _ in range(3):  # the queue's 2 places and the idle loop's 1
+            batcher.admit()
         with pytest.raises(QueueFullError) as info:
             batcher.admit()
         batcher.release()
@@ -532,3 +537,43 @@ def test_a_large_jpeg_is_decoded_reduced_and_answered_in_its_own_pixels(client, 
     response = client.post("/predict", content=jpeg, headers={"content-type": "image/jpeg"})
     assert response.status_code == 200, response.text
     assert np.allclose(response.json()["points"], np.asarray(want.points) * 8, atol=0.2)
+
+
+def test_a_large_png_is_reduced_before_the_resize_and_answered_in_its_own_pixels(client, predictor):
+    from PIL import Image
+
+    pixels = np.random.default_rng(1).integers(0, 255, (64, 80, 3), np.uint8)
+    large = Image.fromarray(pixels.repeat(8, 0).repeat(8, 1))  # 640x512: 8x the model's 64
+    buffer = io.BytesIO()
+    large.save(buffer, "PNG")
+    want = predictor.predict([large.reduce(8)], max_objects=5)[0]
+    response = client.post("/predict", content=buffer.getvalue(), headers=PNG_HEADERS)
+    assert response.status_code == 200, response.text
+    assert np.allclose(response.json()["points"], np.asarray(want.points) * 8, atol=0.2)
+
+
+def test_the_pixel_budget_lets_large_decodes_take_turns():
+    import threading
+
+    from serve.service import PixelBudget
+
+    budget = PixelBudget(100)
+    inside, most = [0], [0]
+    lock = threading.Lock()
+
+    def decode(pixels):
+        pixels = min(pixels, 100)  # an image over the whole budget holds all of it
+        with budget.hold(pixels):
+            with lock:
+                inside[0] += pixels
+                most[0] = max(most[0], inside[0])
+            time.sleep(0.05)
+            with lock:
+                inside[0] -= pixels
+
+    threads = [threading.Thread(target=decode, args=(p,)) for p in (90, 90, 5, 5, 500)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] <= 100  # never two large ones at once; one over the budget alone

@@ -24,7 +24,7 @@ def server(tmp_path_factory):
         serve_model(),
         tmp_path_factory.mktemp("reliability") / "server.log",
         "--max-objects-limit", "100000", "--body-timeout", "1", "--keep-alive", "1",
-        "--max-queue", "4",
+        "--max-queue", "2", "--max-active", "2",  # 4 places: the queue's and the loop's
     )  # fmt: skip
     try:
         srv.wait_ready()
@@ -107,7 +107,7 @@ def test_a_stalled_upload_gets_408_and_frees_its_place(server):
 
 
 def test_a_full_queue_refuses_before_reading_the_body(server):
-    stalled = [_send_partial_upload(server) for _ in range(4)]  # --max-queue 4, all held
+    stalled = [_send_partial_upload(server) for _ in range(4)]  # all 4 places held
     try:
         time.sleep(0.2)
         started = time.monotonic()
