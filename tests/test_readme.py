@@ -144,9 +144,9 @@ def test_the_own_data_walk_through_runs_as_written(scratch: Path):
     (scratch / "params.yaml").symlink_to(ROOT / "params.yaml")  # read, never written
     outputs = [shell(command, scratch) for command in commands]
     stats = outputs[1].splitlines()
-    assert stats[0].startswith("data/mine: 6 images") and "source fsc147" in stats[0]
+    assert stats[0].startswith("outputs/mine/data: 6 images") and "source fsc147" in stats[0]
     prediction = json.loads(outputs[-1])
-    assert prediction["count"] <= 30 and prediction["model"]["source"] == "models/mine/onnx"
+    assert prediction["count"] <= 30 and prediction["model"]["source"] == "outputs/mine/onnx"
     assert not (scratch / "metrics").exists()  # the pipeline's outputs were left alone
 
 
