@@ -24,6 +24,15 @@ from seqops.io import atomic_write_bytes
 log = logging.getLogger(__name__)
 
 
+# The evaluation plots read against the line y = x: what it means on each.
+DIAGONALS = {
+    "counts": "predicted = true",
+    "calibration": "perfectly calibrated",
+    "count_reliability": "perfectly calibrated",
+    "review_curve": "flagging at random",
+}
+
+
 @dataclass(frozen=True)
 class PlotSpec:
     """One declared plot: a name, its template (``linear`` or ``scatter``), the x column and
@@ -90,6 +99,9 @@ def draw(spec: PlotSpec, root: Path, out_dir: Path) -> Path:
                 ax.scatter(data[spec.x], data[column], s=12, label=label)
             else:
                 ax.plot(data[spec.x], data[column], marker=".", label=label)
+    if spec.name in DIAGONALS:
+        low, high = (float(v) for v in ax.get_xlim())
+        ax.plot([low, high], [low, high], "k--", lw=0.8, label=DIAGONALS[spec.name])
     ax.set_xlabel(spec.x)
     ax.set_title(spec.name)
     ax.grid(alpha=0.3)
