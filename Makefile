@@ -90,7 +90,7 @@ run-deployment: $(STAMP) ## Trigger seqops-pipeline/local and wait (OVERRIDES='{
 
 # One worker and no job runner (MLflow's huey consumers serve GenAI jobs this project has no
 # use for): on 2 cores the defaults (4 workers, the consumers) took 13.5 s to start.
-mlflow-ui: $(STAMP) ## MLflow UI on the embedded store, http://127.0.0.1:$(MLFLOW_PORT)
+mlflow-ui: $(STAMP) ## MLflow UI on the embedded store, http://127.0.0.1:5000 (MLFLOW_PORT=...)
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db \
 		--default-artifact-root ./mlartifacts --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
 
