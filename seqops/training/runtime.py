@@ -8,14 +8,20 @@ in the environment) the same command joins a DDP process group (nccl on CUDA, gl
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,52 @@ def close_distributed(info: DistInfo) -> None:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: the run is being stopped from outside (a KeyboardInterrupt, so that
+    training records it as KILLED, not FAILED)."""
+
+
+RESUME_HINT = "run the same command again to resume from the last epoch's checkpoint (last.pt)"
+
+
+@contextlib.contextmanager
+def stop_cleanly(info: DistInfo) -> Iterator[None]:
+    """Around the epoch loop: SIGTERM raises :class:`Terminated`, and a rank of a DDP run
+    that fails says so in one line before the traceback.
+
+    torchrun stops every rank with SIGTERM when one of them dies (``docker stop``, a
+    Kubernetes eviction and the Prefect flow stop a run the same way). Python's default is
+    to die on the spot: the MLflow run stays RUNNING and the log says nothing. Raised as an
+    exception, the stop ends the MLflow run as KILLED and the log says how to carry on. When
+    a peer dies, the survivors may instead see their collective fail first (gloo: "Connection
+    reset by peer"); that is reported the same way.
+    """
+    where = f"rank {info.rank} of {info.world_size}" if info.enabled else "training"
+
+    def stop(signum: int, frame: object) -> None:
+        why = " (torchrun stops every rank when one fails)" if info.enabled else ""
+        log.error("%s: SIGTERM received%s; stopping: %s", where, why, RESUME_HINT)
+        raise Terminated(f"SIGTERM received ({where})")
+
+    # Signal handlers can only be set from the main thread (tests may train in another).
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop) if main else None
+    try:
+        yield
+    except Exception as exc:
+        if info.enabled:
+            first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+            log.error(
+                "%s stopped on %s: %s. If another rank died first, torchrun's summary names "
+                "it; once the cause is gone, %s",
+                where, type(exc).__name__, first_line, RESUME_HINT,
+            )  # fmt: skip
+        raise
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def broadcast_values(values: list[float], info: DistInfo, device: torch.device) -> list[float]:

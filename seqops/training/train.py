@@ -48,6 +48,7 @@ from seqops.training.runtime import (
     progress_enabled,
     seed_everything,
     select_device,
+    stop_cleanly,
     to_device,
     worker_context,
 )
@@ -109,7 +110,8 @@ def run_train(
         )
         if track and dist.is_main:
             run.tracker = start_tracking(run)
-        return fit(run)
+        with stop_cleanly(dist):  # a SIGTERM ends the MLflow run KILLED; DDP failures say so
+            return fit(run)
     finally:
         close_distributed(dist)
 
