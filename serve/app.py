@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import signal
 import threading
@@ -27,13 +26,11 @@ from serve.service import Service
 from serve.settings import SHUTDOWN_MARGIN_S, ServeSettings
 
 log = logging.getLogger(__name__)
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
 def create_app(settings: ServeSettings, predictor: Predictor | None = None) -> FastAPI:
     """Build the app; the model loads in the background at startup (or ``predictor`` is
     used as is), so liveness answers at once and readiness once it is warmed up."""
-    _return_large_buffers_to_the_os()
     metrics = ServeMetrics()
     service = Service(settings, metrics, predictor)
 
@@ -74,18 +71,6 @@ def create_app(settings: ServeSettings, predictor: Predictor | None = None) -> F
         endpoints={"/predict": "predict", "/predict/stream": "predict_stream", "/next": "next"},
     )
     return app
-
-
-def _return_large_buffers_to_the_os() -> None:
-    """Fix glibc's mmap threshold at 1 MiB, so request bodies and decoded images (MBs each)
-    are mapped and unmapped rather than carved from the heap. By default the threshold
-    grows with every large block freed, after which such blocks stay in the heap: a burst
-    of 18 MiB uploads left the server's RSS 540 MB higher for good."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
-    except (OSError, AttributeError):  # not glibc: its own allocator's policy stands
-        pass
 
 
 def create_app_from_env() -> FastAPI:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import io
 import logging
@@ -100,6 +101,14 @@ class PixelBudget:
                 self._changed.notify_all()
 
 
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None elsewhere (other allocators have their own policy)."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
 def _header_pixels(data: bytes) -> int:
     """Width x height from the image's header (0 when unreadable: decoding says why)."""
     try:
@@ -128,6 +137,7 @@ class Service:
             settings.decode_threads, thread_name_prefix="seqops-decode"
         )
         self._pixel_budget = PixelBudget(settings.max_pixels)
+        self._trimmer: asyncio.Task | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -151,6 +161,7 @@ class Service:
                 self.predictor, s.max_active, s.max_queue, self.metrics, run_batch
             )
             self.batcher.start()
+            self._trimmer = asyncio.create_task(self._trim_memory(), name="seqops-trim")
             log.info(
                 "ready: %s v%s on %s, batching %s (max_active=%d, run_batch=%d, max_queue=%d)",
                 info.name,
@@ -186,9 +197,25 @@ class Service:
             stopped = self.batcher.stop_all("server shutting down")
             log.warning("graceful shutdown time is running out: stopped %d request(s)", stopped)
 
+    async def _trim_memory(self, every_s: float = 10.0) -> None:
+        """Give freed heap memory back to the OS every ``every_s`` seconds. Request bodies
+        and decoded images are MBs each; once glibc's malloc has freed a few, it keeps such
+        blocks in its heap, and a burst of 18 MiB uploads left the server's RSS ~170 MB
+        higher for good. ``malloc_trim`` (in a pool thread) returns them; fixing the mmap
+        threshold instead cost a third of the throughput (the step's arrays are MBs too)."""
+        trim = _malloc_trim()
+        if trim is None:
+            return
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(every_s)
+            await loop.run_in_executor(self._decode_pool, trim, 0)
+
     async def stop(self) -> None:
         """Stop being ready, let admitted requests finish, release the threads."""
         self.draining = True
+        if self._trimmer is not None:
+            self._trimmer.cancel()
         if self.batcher is not None:
             await self.batcher.close()
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
