@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import socket
 import time
 
@@ -126,3 +127,34 @@ def test_a_silent_connection_is_closed_after_the_keep_alive_timeout(server):
     assert _read_response(sock, timeout=5) == b""  # closed by the server, nothing sent
     assert 0.8 < time.monotonic() - started < 3
     sock.close()
+
+
+@pytest.mark.slow  # its own server, stopped by the test
+def test_shutdown_answers_503_with_the_points_found_before_its_time_runs_out(tmp_path):
+    """A request admitted before SIGTERM whose body came late (its deadline counts from the
+    body) outlives the graceful timeout: 2 s before the end it is answered 503 with its
+    points so far, not cut off with a bare 500."""
+    srv = Server(serve_model(), tmp_path / "server.log", "--graceful-timeout", "6",
+                 "--max-deadline", "4", "--deadline", "4", "--body-timeout", "5",
+                 "--max-objects-limit", "100000")  # fmt: skip
+    try:
+        srv.wait_ready()
+        sock = socket.create_connection(("127.0.0.1", srv.port))
+        head = (f"POST /predict?max_objects=100000 HTTP/1.1\r\nHost: x\r\n"
+                f"Content-Type: image/png\r\nContent-Length: {len(PNG)}\r\n\r\n")  # fmt: skip
+        sock.sendall(head.encode() + PNG[:100])  # admitted; the body is still coming
+        time.sleep(0.3)
+        srv.proc.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        sock.sendall(PNG[100:])  # its loop starts now, with 4 s to go: past the cut at 4 s
+        started = time.monotonic()
+        answer = _read_response(sock, timeout=10)
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 503"), answer[:300]
+        body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+        assert "shutting down" in body["detail"] and body["partial"]["count"] > 0
+        assert len(body["partial"]["points"]) == body["partial"]["count"]
+        assert time.monotonic() - started < 4
+        assert srv.proc.wait(timeout=10) == 0, srv.output()
+    finally:
+        srv.stop()
