@@ -144,8 +144,11 @@ class StepBatcher:
         self.metrics.queue_depth.dec()
 
     def retry_after(self) -> int:
-        """Seconds until a place is likely free: the queue ahead over the loop's width."""
-        ahead = (self._pending + len(self._active)) / self.max_active
+        """Seconds until a place is likely free: the time the loop takes to admit the queue
+        ahead (its width admits max_active requests per request time). Counting the
+        active requests too doubled the wait at capacity, and clients that honoured it
+        left the server half idle while they slept."""
+        ahead = self._pending / self.max_active
         return max(1, math.ceil(ahead * self._request_s))
 
     def submit(self, job: Job) -> asyncio.Future:
