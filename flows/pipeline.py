@@ -35,6 +35,7 @@ only calls into ``seqops`` and the ``dvc`` command.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -316,7 +317,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         parser.error(str(exc))
     try:
-        result = pipeline(overrides=overrides, promote=not args.no_promote)
+        # MLflow prints "View run ... at" links on stdout when it talks to a server: they go
+        # to stderr, so that stdout holds the result alone (`--json` is read by programs).
+        with contextlib.redirect_stdout(sys.stderr):
+            result = pipeline(overrides=overrides, promote=not args.no_promote)
     except Exception as exc:  # the flow run's log already holds the traceback
         print(f"seqops pipeline failed: {exc}", file=sys.stderr)
         return 1
