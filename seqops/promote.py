@@ -34,7 +34,9 @@ EVALUATION_TAG = "seqops.evaluation"  # JSON: the flattened numeric evaluation m
 DATASET_TAG = "seqops.eval_dataset"  # identity of the data the evaluation ran on
 DECISION_TAG = "seqops.promotion"  # the last decision about this version, for the registry UI
 RUN_METRIC_PREFIX = "test/"  # how the evaluate stage names its metrics in the MLflow run
-_MAX_TAG_CHARS = 5000  # MLflow's limit on a model version tag value
+# A cap on the tag's size, well under MLflow 3.17's limit on a model version tag value
+# (100,000 characters; mlflow.utils.validation); the promotion metric always fits.
+_MAX_TAG_CHARS = 5000
 
 
 class PromotionError(ValueError):
@@ -139,8 +141,10 @@ def record_evaluation(
 ) -> None:
     """Store an evaluation on its model version, so later candidates compare against it.
 
-    MLflow caps a tag value at 5000 characters: a longer evaluation keeps ``keep`` (the
-    promotion metric) and then as many other metrics, in key order, as fit.
+    The tag is capped at 5000 characters: a longer evaluation keeps ``keep`` (the promotion
+    metric) first, then as many other metrics, in key order, as fit. Keeping metrics in key
+    order alone could drop the promotion metric, and a champion without it is never
+    replaced automatically.
     """
     text = _evaluation_tag_text(metrics, keep)
     client.set_model_version_tag(model_name, version, EVALUATION_TAG, text)
