@@ -8,7 +8,11 @@ Starts the real server (one worker) and drives it with an asyncio/httpx load gen
    server's mean batch size (from /metrics);
 2. overload: open-loop arrivals at 2x the throughput measured with batching at C = 16,
    against the default queue bound: 429s must come back fast, and every accepted request
-   must succeed (no 5xx, no 504).
+   must succeed (no 5xx, no 504);
+3. ``--hostile`` (alone, or with the above): the server against careless and hostile
+   clients (issue 12): as many clients as its capacity (refused or not?), 128 clients that
+   honour or ignore ``Retry-After``, clients that give up after 0.5 s on long loops (does
+   the work stop?), stalled 18 MiB uploads and 36 MP images (server RSS), idle sockets.
 
 The default model is the real network (tiny preset, 384 px) at random init with a done
 head that never fires, so ``max_objects`` sets each image's object count exactly: the cost
@@ -16,22 +20,26 @@ of a request is what it would be for a trained model finding that many objects.
 
     .venv/bin/python benchmarks/bench_serve.py --out bench_serve.json
     .venv/bin/python benchmarks/bench_serve.py --model models/onnx --duration 5
+    .venv/bin/python benchmarks/bench_serve.py --hostile --out bench_hostile.json
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
 import platform
 import random
 import re
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -275,6 +283,195 @@ def run_overload(model: str, png: bytes, rate: float, objects: int, duration: fl
     return result
 
 
+# --- careless and hostile clients (--hostile) ---------------------------------------------
+
+
+def rss_mb(pid: int) -> float:
+    """The resident memory of a process, MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
+class PeakRSS:
+    """Samples a process's RSS every 50 ms in a thread; ``peak`` is the largest seen."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak, self._stop = pid, rss_mb(pid), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, rss_mb(self.pid))
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+async def retrying_clients(url: str, png: bytes, clients: int, duration: float, honour: bool):
+    """``clients`` closed-loop clients that retry every 429: after ``Retry-After`` seconds
+    (``honour``) or at once. Latency runs from a request's first attempt to its 200."""
+    latencies: list[float] = []
+    statuses: Counter = Counter()
+    limits = httpx.Limits(max_connections=clients + 2)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        start = time.perf_counter()
+        stop_at = start + duration
+
+        async def loop() -> None:
+            while time.perf_counter() < stop_at:
+                t0 = time.perf_counter()
+                while time.perf_counter() < stop_at:
+                    response = await client.post(url, content=png, headers=_PNG)
+                    statuses[response.status_code] += 1
+                    if response.status_code == 200:
+                        latencies.append(time.perf_counter() - t0)
+                        break
+                    if honour:
+                        await asyncio.sleep(float(response.headers.get("retry-after", 1)))
+
+        await asyncio.gather(*(loop() for _ in range(clients)))
+        elapsed = time.perf_counter() - start
+    return summarize(latencies, statuses, elapsed)
+
+
+async def leavers(base: str, png: bytes, duration: float, objects: int) -> dict:
+    """16 clients that give up after 0.5 s on ``objects``-object loops, again and again,
+    beside one client counting 5 objects: its latency, and how long the server keeps
+    stepping once the leavers stop."""
+    probe: list[float] = []
+    stop_at = time.perf_counter() + duration
+    async with httpx.AsyncClient(timeout=0.5) as quitter, httpx.AsyncClient(timeout=60) as calm:
+
+        async def leave() -> None:
+            while time.perf_counter() < stop_at:
+                with contextlib.suppress(httpx.TimeoutException):
+                    await quitter.post(f"{base}/predict?max_objects={objects}", content=png,
+                                       headers=_PNG)  # fmt: skip
+
+        async def measure_probe() -> None:
+            while time.perf_counter() < stop_at:
+                t0 = time.perf_counter()
+                await calm.post(f"{base}/predict?max_objects=5", content=png, headers=_PNG)
+                probe.append(time.perf_counter() - t0)
+
+        await asyncio.gather(*(leave() for _ in range(16)), measure_probe())
+    left = time.perf_counter()
+    steps = scrape(base)["seqops_step_seconds_count"]
+    while True:  # until the step counter stands still for 0.3 s
+        await asyncio.sleep(0.3)
+        now = scrape(base)["seqops_step_seconds_count"]
+        if now == steps:
+            break
+        steps = now
+    return {"probe_p50_ms": round(1e3 * percentile(probe, 50), 1),
+            "probe_p99_ms": round(1e3 * percentile(probe, 99), 1),
+            "busy_after_leaving_s": round(time.perf_counter() - left - 0.3, 2)}  # fmt: skip
+
+
+def stalled_uploads(server, count: int = 30, hold: float = 8.0) -> dict:
+    """``count`` uploads announcing 18 MiB that send 8 MiB and stall for ``hold`` s (then
+    give up): server RSS before, at its peak, and 12 s after (the server gives freed memory
+    back every 10 s); a probe request meanwhile."""
+    before = rss_mb(server.proc.pid)
+    peak = PeakRSS(server.proc.pid)
+    chunk = b"\0" * (1 << 20)
+    socks = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                     b"Content-Length: %d\r\n\r\n" % (18 << 20))  # fmt: skip
+        socks.append(sock)
+    for sock in socks:
+        for _ in range(8):
+            sock.sendall(chunk)
+    time.sleep(1.0)
+    probe = httpx.post(f"{server.base}/predict?max_objects=5", content=scene_png(384),
+                       headers=_PNG, timeout=60)  # fmt: skip
+    time.sleep(max(hold - 1.0, 0))
+    for sock in socks:
+        sock.close()
+    time.sleep(12.0)
+    return {"uploads": count, "rss_before_mb": before, "rss_peak_mb": peak.stop(),
+            "rss_after_mb": rss_mb(server.proc.pid), "probe_status": probe.status_code}  # fmt: skip
+
+
+def big_images(server, concurrent: int = 8) -> dict:
+    """``concurrent`` 36 MP images at once (a PNG of ~100 KB, a JPEG): server RSS before,
+    at its peak, and 12 s after."""
+    results = {}
+    for fmt in ("PNG", "JPEG"):
+        buffer = io.BytesIO()
+        Image.new("RGB", (6000, 6000), (120, 130, 140)).save(buffer, fmt)
+        data = buffer.getvalue()
+        before = rss_mb(server.proc.pid)
+        peak = PeakRSS(server.proc.pid)
+
+        async def send_all(data=data, fmt=fmt) -> list[int]:
+            async with httpx.AsyncClient(timeout=120) as client:
+                responses = await asyncio.gather(*(
+                    client.post(f"{server.base}/predict?max_objects=5", content=data,
+                                headers={"content-type": f"image/{fmt.lower()}"})
+                    for _ in range(concurrent)))  # fmt: skip
+            return [r.status_code for r in responses]
+
+        t0 = time.perf_counter()
+        statuses = asyncio.run(send_all())
+        seconds = round(time.perf_counter() - t0, 2)
+        time.sleep(12.0)
+        results[fmt.lower()] = {
+            "bytes": len(data), "statuses": dict(Counter(statuses)), "seconds": seconds,
+            "rss_before_mb": before, "rss_peak_mb": peak.stop(),
+            "rss_after_mb": rss_mb(server.proc.pid),
+        }  # fmt: skip
+    return results
+
+
+def idle_sockets(server, count: int = 300, wait: float = 8.0) -> dict:
+    """``count`` connections that never send a byte: how many are still open ``wait`` s on."""
+    socks = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(count)]
+    time.sleep(wait)
+    still_open = 0
+    for sock in socks:
+        sock.setblocking(False)
+        try:
+            still_open += sock.recv(1) != b""  # b"": closed by the server
+        except BlockingIOError:
+            still_open += 1  # nothing to read: open
+        except OSError:
+            pass
+        sock.close()
+    return {"sockets": count, "after_s": wait, "still_open": still_open}
+
+
+def run_hostile(model: str, png: bytes, duration: float, many: int) -> dict:
+    """Every careless-client scenario against one server with the default settings."""
+    server = ServerProcess(model)
+    report: dict = {}
+    try:
+        server.wait_ready()
+        url = f"{server.base}/predict?max_objects={many}"
+        asyncio.run(closed_loop([url, url], png, 1.0))  # warm-up
+        at_capacity = asyncio.run(closed_loop([url] * 64, png, duration))[url]
+        report["capacity_64_clients"] = at_capacity
+        for honour in (True, False):
+            name = f"retry_128_clients_{'honour' if honour else 'ignore'}"
+            report[name] = asyncio.run(retrying_clients(url, png, 128, duration, honour))
+        report["leavers"] = asyncio.run(leavers(server.base, png, duration, 1000))
+        report["stalled_uploads"] = stalled_uploads(server)
+        report["big_images"] = big_images(server)
+        report["idle_sockets"] = idle_sockets(server)
+    finally:
+        server.stop()
+    for name, result in report.items():
+        print(name, json.dumps(result), flush=True)
+    return report
+
+
 def table(rows: list[dict]) -> str:
     """The closed-loop results as a markdown table."""
     lines = [
@@ -290,6 +487,30 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def machine() -> dict:
+    """The facts of the machine a figure was measured on."""
+    return {
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+    }
+
+
+def hostile_main(args: argparse.Namespace) -> None:
+    """``--hostile-only``: the careless-client scenarios alone."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or str(
+            export_bench_model(Path(tmp) / "model", args.image_size, args.preset)
+        )
+        hostile = run_hostile(model, scene_png(args.image_size), args.duration, args.many)
+    report = {"machine": machine(), "model": args.model or f"random-init {args.preset}",
+              "hostile": hostile}  # fmt: skip
+    if args.out:
+        atomic_write_json(args.out, report)
+    print(f"machine: {report['machine']}; model: {report['model']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="model directory (default: a random-init export)")
@@ -301,7 +522,11 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=6.0, help="seconds per run")
     parser.add_argument("--rounds", type=int, default=2, help="runs per load and mode (median)")
     parser.add_argument("--out", type=Path, help="write the results as JSON")
+    parser.add_argument("--hostile", action="store_true", help="the careless-client scenarios")
+    parser.add_argument("--hostile-only", action="store_true", help="only those")
     args = parser.parse_args()
+    if args.hostile_only:
+        return hostile_main(args)
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or str(
@@ -314,16 +539,13 @@ def main() -> None:
             key=lambda r: r["throughput_rps"],
         )
         overload = run_overload(model, png, 2 * top["throughput_rps"], args.many, args.duration)
+        hostile = run_hostile(model, png, args.duration, args.many) if args.hostile else None
     report = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
-            "load_avg_1m": round(os.getloadavg()[0], 2),
-        },
+        "machine": machine(),
         "model": args.model or f"random-init {args.preset} @ {args.image_size} px",
         "closed_loop": rows,
         "overload": overload,
+        "hostile": hostile,
     }
     print(table(rows))
     print(json.dumps(overload, indent=2))
