@@ -273,6 +273,9 @@ SUMMARY_FIGURES = {
 }
 
 
+SUMMARY_CHANGES = 4  # params.yaml changes listed by name in the summary
+
+
 def _figure(metrics: dict[str, Any], key: str) -> str:
     label, fmt = SUMMARY_FIGURES[key]
     value = metrics.get(key)
@@ -285,7 +288,10 @@ def summary_text(result: dict[str, Any]) -> str:
     decision, changes = result["decision"], result["changes"]
     name, version = decision["model_name"], decision["version"]
     verdict = "promoted to @champion" if decision["promoted"] else "not promoted"
-    changed = ", ".join(f"{k}: {c['old']!r} -> {c['new']!r}" for k, c in changes.items())
+    shown = list(changes.items())[:SUMMARY_CHANGES]  # a line, not a page: git diff has them all
+    changed = ", ".join(f"{k}: {c['old']!r} -> {c['new']!r}" for k, c in shown)
+    if len(changes) > len(shown):
+        changed += f", ... ({len(changes)} keys; `git diff params.yaml`)"
     lines = [
         f"model {name} version {version} (models:/{name}/{version}): {verdict}",
         f"  {decision['reason']}",

@@ -55,6 +55,10 @@ def test_the_summary_says_what_the_run_did_in_a_few_lines():
     assert "flagged for review n/a" in lines[2]
     assert "train.epochs: 12 -> 1 (kept; `git checkout params.yaml` undoes)" in lines[3]
     assert "(run abc)" in lines[4] and len(lines) == 5
+    many = {f"prepare.k{i}": {"old": i, "new": i + 1} for i in range(9)}
+    text = summary_text({"decision": decision, "changes": many, "mlflow_run_id": "abc"})
+    assert "prepare.k3: 3 -> 4, ... (9 keys; `git diff params.yaml`)" in text
+    assert "prepare.k4" not in text
 
 
 # --- real flow runs ---------------------------------------------------------------------
