@@ -20,7 +20,7 @@ from seqops import __version__
 from seqops.predictor import Predictor
 from serve import kserve, routes
 from serve.docs import install_docs
-from serve.http_io import BodyLimitMiddleware, install_error_handlers
+from serve.http_io import BodyLimitMiddleware, RefuseWhenFull, install_error_handlers
 from serve.prometheus import RequestMetricsMiddleware, ServeMetrics
 from serve.service import Service
 from serve.settings import SHUTDOWN_MARGIN_S, ServeSettings
@@ -60,6 +60,7 @@ def create_app(settings: ServeSettings, predictor: Predictor | None = None) -> F
     install_error_handlers(app)
     for router in (routes.health_router, routes.router, kserve.health_router, kserve.router):
         app.include_router(router)
+    app.add_middleware(RefuseWhenFull, service=service)  # inside the body limit and metrics
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=settings.max_body_bytes,

@@ -126,14 +126,19 @@ class StepBatcher:
 
     # -- admission ---------------------------------------------------------------------
 
+    @property
+    def full(self) -> bool:
+        """No place left: :meth:`admit` would raise :class:`QueueFullError`."""
+        # The queue's bound plus the loop's free places: when an image leaves the loop, its
+        # place counts at once, not only after the next turn has moved a waiting job in
+        # (else a full house of clients, max_active + max_queue, saw 429s).
+        return self._pending >= self.max_queue + max(self.max_active - len(self._active), 0)
+
     def admit(self) -> None:
         """Reserve a queue place before decoding; raises at once when there is none."""
         if self._closing:
             raise ShuttingDownError("server is shutting down")
-        # The queue's bound plus the loop's free places: when an image leaves the loop, its
-        # place counts at once, not only after the next turn has moved a waiting job in
-        # (else a full house of clients, max_active + max_queue, saw 429s).
-        if self._pending >= self.max_queue + max(self.max_active - len(self._active), 0):
+        if self.full:
             raise QueueFullError(self.retry_after())
         self._pending += 1
         self.metrics.queue_depth.inc()

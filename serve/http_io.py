@@ -197,6 +197,52 @@ class BodyLimitMiddleware:
                 await error_response(scope["path"], 408, late)(scope, receive, send)
 
 
+class RefuseWhenFull:
+    """A full server answers a counting request (429 with ``Retry-After``, or the configured
+    status) here, before routing, dependencies and validation: clients that retry at once
+    then cost the server a few dict lookups each, not a request's worth of framework. The
+    route's own admission stays the rule; this only answers early what it would answer.
+    With an API key set, only a request bearing it is answered here (others get their 401
+    from the route)."""
+
+    def __init__(self, app: ASGIApp, service: Service) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        batcher = self.service.batcher
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "POST"
+            and batcher is not None
+            and batcher.full
+            and _is_counting(scope["path"])
+            and self._authorised(scope)
+        ):
+            status = self.service.settings.queue_full_status
+            seconds = batcher.retry_after()
+            message = f"server busy: the request queue is full; retry in {seconds} s"
+            headers = {"Retry-After": str(seconds)}
+            await error_response(scope["path"], status, message, headers)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _authorised(self, scope: Scope) -> bool:
+        """The request bears the API key, or none is required."""
+        expected = self.service.settings.api_key()
+        if expected is None:
+            return True
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        return secrets.compare_digest(given, b"Bearer " + expected.encode())
+
+
+def _is_counting(path: str) -> bool:
+    """The routes that take a queue place."""
+    if path in ("/predict", "/predict/stream", "/next"):
+        return True
+    return path.startswith("/v2/models/") and path.endswith("/infer")
+
+
 class _BodyTooLarge(Exception):
     """Raised inside the app when the streamed body passes the limit."""
 

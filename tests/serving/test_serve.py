@@ -577,3 +577,26 @@ def test_the_pixel_budget_lets_large_decodes_take_turns():
     for t in threads:
         t.join()
     assert most[0] <= 100  # never two large ones at once; one over the budget alone
+
+
+def test_a_full_server_refuses_before_routing_but_not_before_the_api_key(predictor, monkeypatch):
+    monkeypatch.setenv("SEQOPS_TEST_KEY", "s3cret")
+    with make_client(predictor, max_queue=1, max_active=1, api_key_env="SEQOPS_TEST_KEY") as c:
+        for _ in range(2):
+            c.app.state.service.batcher.admit()
+        infer = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["x"]}]}
+        assert c.post("/predict", content=PNG, headers=PNG_HEADERS).status_code == 401
+        key = {"authorization": "Bearer s3cret"}
+        for path, kwargs in (
+            ("/predict", {"content": PNG, "headers": PNG_HEADERS | key}),
+            ("/next", {"content": PNG, "headers": PNG_HEADERS | key}),
+            ("/v2/models/seqops/infer", {"json": infer, "headers": key}),
+        ):
+            response = c.post(path, **kwargs)
+            assert response.status_code == 429, (path, response.text)
+            assert int(response.headers["retry-after"]) >= 1
+        assert "queue is full" in response.json()["error"]  # KServe's error format
+        metrics = c.get("/metrics").text
+        assert 'seqops_requests_total{endpoint="predict",reason="queue_full"} 1.0' in metrics
+        for _ in range(2):
+            c.app.state.service.batcher.release()
