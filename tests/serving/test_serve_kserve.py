@@ -5,10 +5,12 @@ trained with exemplars."""
 from __future__ import annotations
 
 import base64
+import io
 import json
 
 import numpy as np
 import pytest
+from PIL import Image
 from serve_fixtures import (
     DONE_AT_ONCE_THRESHOLD,
     MODEL_VERSION,
@@ -22,6 +24,7 @@ from serve_fixtures import (
 )
 from tritonclient.http import InferenceServerClient, InferInput
 
+from seqops.imaging import load_image_reduced
 from seqops.predictor import Predictor
 
 
@@ -168,6 +171,25 @@ def test_exemplar_model_requires_and_uses_boxes(tmp_path_factory):
         body = c.post("/v2/models/seqops/infer", json=request).json()
         points = np.reshape(body["outputs"][1]["data"], (-1, 2))
         assert np.allclose(points, want.points, atol=0.02)
+        # A large JPEG is decoded reduced: boxes and points stay in the pixels sent.
+        big = _large_jpeg()
+        reduced, _ = load_image_reduced(big, ex_predictor.info.image_size)
+        want = ex_predictor.predict([reduced], max_objects=5, exemplars=[[[5, 5, 30, 30]]])[0]
+        given = c.post("/predict?max_objects=5&exemplars=[[40,40,240,240]]", content=big,
+                       headers={"content-type": "image/jpeg"})  # fmt: skip
+        assert given.status_code == 200, given.text
+        assert np.allclose(given.json()["points"], np.asarray(want.points) * 8, atol=0.2)
+        outside = c.post("/predict?exemplars=[[0,0,1300,10]]", content=big,
+                         headers={"content-type": "image/jpeg"})  # fmt: skip
+        assert outside.status_code == 422 and "1280x960" in outside.json()["detail"]
+
+
+def _large_jpeg() -> bytes:
+    """1280x960: 8x the test model's 64 px, so it decodes at 1/8."""
+    pixels = np.random.default_rng(0).integers(0, 255, (60, 80, 3), np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.repeat(16, 0).repeat(16, 1)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
 
 
 def test_kserve_bytes_element_is_the_file_or_its_base64_in_json_and_binary(client):
