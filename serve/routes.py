@@ -145,8 +145,10 @@ NextQuery = Annotated[dict, Depends(next_query)]
     openapi_extra=image_body_doc(PredictJSON),
 )
 async def predict(request: Request, service: ServiceDep, query: PredictQuery) -> dict:
-    """The image as a raw body (`image/png`, `image/jpeg`), a multipart `file`, or JSON
-    `{"image": "<base64>"}`; options as query parameters or body/form fields."""
+    """The image as a raw body (`image/png`, `image/jpeg`, WebP, TIFF, BMP), a multipart
+    `file`, or JSON `{"image": "<base64>"}`; options as query parameters or body/form fields.
+    The image is counted as a viewer shows it: its EXIF orientation applied, so the points
+    are in the pixels of the turned image."""
     job, t0 = await _start_count(service, request, query, stream=False)
     prediction = await service.wait(job, request.receive)
     timings = dict(prediction.timings_ms, total=_ms_since(t0))

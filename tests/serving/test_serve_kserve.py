@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -242,6 +243,11 @@ def test_kserve_binary_output_only_when_asked(client):
 
 def test_kserve_openapi_and_head(client):
     spec = client.get("/openapi.json").json()
+    refs = set(re.findall(r'"\$ref": "([^"]+)"', json.dumps(spec)))
+    defined = {f"#/components/schemas/{name}" for name in spec["components"]["schemas"]}
+    assert refs and refs <= defined  # no reference to a schema that is not there
+    assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    assert spec["paths"]["/predict"]["post"]["security"] == [{"HTTPBearer": []}]
     unversioned = spec["paths"]["/v2/models/{model_name}/infer"]["post"]
     assert [p["name"] for p in unversioned["parameters"]] == ["model_name"]
     assert "application/json" in unversioned["requestBody"]["content"]
