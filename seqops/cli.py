@@ -179,6 +179,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         plots_path=args.plots,
         resume=args.resume,  # None: train.resume
         track=not args.no_mlflow,
+        report_path=args.report,
     )
     if metrics:  # empty on torchrun ranks other than 0
         _print_json(metrics)
@@ -198,7 +199,16 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, default=Path("data/prepared"), help="prepared dataset")
     p.add_argument("--out", type=Path, default=Path("models"), help="checkpoint directory")
     p.add_argument(
-        "--metrics", type=Path, default=Path("metrics/train.json"), help="best epoch's metrics"
+        "--metrics",
+        type=Path,
+        default=Path("metrics/train.json"),
+        help="the best epoch's headline figures (DVC metrics)",
+    )
+    p.add_argument(
+        "--report",
+        type=Path,
+        help="every figure of the best epoch as JSON (dvc.yaml: reports/train/metrics.json; "
+        "default: not written, the same figures are printed)",
     )
     p.add_argument("--plots", type=Path, default=Path("plots/train.csv"), help="per-epoch CSV")
     p.add_argument(
@@ -226,6 +236,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         data_dir=args.data,
         metrics_path=args.metrics,
         register=not args.no_mlflow,
+        report_path=args.report,
     )
     _print_json(result)
     return 0
@@ -255,7 +266,16 @@ def _register_export(sub: argparse._SubParsersAction) -> None:
         "data/prepared); without it, count_confidence is the uncalibrated stop probability",
     )
     p.add_argument(
-        "--metrics", type=Path, default=Path("metrics/export.json"), help="export facts JSON"
+        "--metrics",
+        type=Path,
+        default=Path("metrics/export.json"),
+        help="the export's headline figures (DVC metrics)",
+    )
+    p.add_argument(
+        "--report",
+        type=Path,
+        help="every export fact as JSON (dvc.yaml: reports/export/metrics.json; default: not "
+        "written, the same facts are printed)",
     )
     p.add_argument("--no-mlflow", action="store_true", help="do not log/register in MLflow")
     p.set_defaults(func=cmd_export)

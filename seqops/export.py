@@ -15,6 +15,11 @@ MLflow: the model is logged into the training run with the ONNX flavour (the ste
 the flavour's ``model.onnx``; ``encoder.onnx``, ``step.onnx`` and ``model.json`` are its extra
 files, so ``models:/seqops@candidate`` downloads a directory the predictor loads), registered
 as ``seqops`` and given the alias ``candidate``.
+
+The stage's JSON: every fact (opset, parity per output, sizes, ids, the calibration's fit and
+weights, the registration) in the report (``reports/export/metrics.json``); the headline
+figures (:func:`headline_export`) in the DVC metrics file, so ``dvc metrics show`` and
+``diff`` fit a screen.
 """
 
 from __future__ import annotations
@@ -58,6 +63,11 @@ CALIBRATION_SPLIT = "val"  # fitted on validation images: the test split stays u
 
 # A model directory (graphs written and checked) -> its count_calibration, or None.
 Calibrate = Callable[[Path], dict[str, Any] | None]
+# What the DVC metrics file holds: parity, sizes, the registered version (flows/pipeline.py
+# reads it; registered_model is always seqops.registry.REGISTERED_NAME, its fallback) and
+# the calibration's fit summary (its weights are in the report and model.json).
+HEADLINE_METRICS = ("parity_max_abs_diff", "encoder_bytes", "step_bytes", "registered_version")
+HEADLINE_CALIBRATION = ("calibrated", "images", "exact_share", "log_loss")
 
 
 class ExportError(ValueError):
@@ -422,6 +432,26 @@ def summarise_calibration(calibration: Mapping[str, Any] | None) -> dict[str, An
     }
 
 
+def headline_export(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The DVC metrics file's content: the :data:`HEADLINE_METRICS` of the stage's JSON and
+    the :data:`HEADLINE_CALIBRATION` of its ``calibration``."""
+    headline = {k: result[k] for k in HEADLINE_METRICS if k in result}
+    calibration = result.get("calibration") or {}
+    headline["calibration"] = {k: calibration[k] for k in HEADLINE_CALIBRATION if k in calibration}
+    return headline
+
+
+def write_export_metrics(
+    result: Mapping[str, Any], metrics_path: str | Path | None, report_path: str | Path | None
+) -> None:
+    """The whole stage's JSON to the report, its :func:`headline_export` to the DVC metrics
+    file (each when its path is given)."""
+    if report_path is not None:
+        atomic_write_json(report_path, result)
+    if metrics_path is not None:
+        atomic_write_json(metrics_path, headline_export(result))
+
+
 def _calibrator(params: Params, data_dir: str | Path) -> Calibrate:
     """Fits the confidence calibration of an export on the validation split of ``data_dir``."""
     from seqops.evaluate import calibrate_confidence  # lazy: the evaluation code, for export
@@ -441,6 +471,7 @@ def run_export(
     data_dir: str | Path | None = None,
     metrics_path: str | Path | None = None,
     register: bool = True,
+    report_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """The ``export`` stage: checkpoint -> checked, calibrated ONNX model dir -> MLflow.
 
@@ -454,8 +485,9 @@ def run_export(
             run the model is logged into.
         data_dir: the prepared dataset (``data/prepared``) whose validation split calibrates
             ``count_confidence``; None exports without a calibration.
-        metrics_path: where the stage's JSON goes (``metrics/export.json``).
+        metrics_path: where the headline figures go (``metrics/export.json``).
         register: log to MLflow, register as ``seqops`` and set alias ``candidate``.
+        report_path: where the whole stage's JSON goes (``reports/export/metrics.json``).
 
     Returns:
         The stage's output JSON: opset, parity, sizes, run id, registered version.
@@ -487,6 +519,5 @@ def run_export(
         from seqops.registry import log_model_to_mlflow
 
         result.update(log_model_to_mlflow(Path(out_dir), run_id, info))
-    if metrics_path is not None:
-        atomic_write_json(metrics_path, result)
+    write_export_metrics(result, metrics_path, report_path)
     return result

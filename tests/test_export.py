@@ -184,16 +184,24 @@ def test_export_stage_from_a_checkpoint_through_the_cli(tmp_path, capsys):
     run_path = tmp_path / "models" / "train_run.json"
     run_path.write_text(json.dumps({"run_id": "abc123", "best_epoch": 4}))
     out, metrics = tmp_path / "models" / "onnx", tmp_path / "metrics" / "export.json"
+    report = tmp_path / "reports" / "export" / "metrics.json"
     code = main(
         [
             "export", "--params", str(params_path), "--set", "evaluate.done_threshold=0.6",
-            "--checkpoint", str(checkpoint), "--data", str(data),
-            "--run", str(run_path), "--out", str(out), "--metrics", str(metrics), "--no-mlflow",
+            "--checkpoint", str(checkpoint), "--data", str(data), "--run", str(run_path),
+            "--out", str(out), "--metrics", str(metrics), "--report", str(report), "--no-mlflow",
         ]
     )  # fmt: skip
     assert code == 0
-    result = json.loads(metrics.read_text())
+    result = json.loads(report.read_text())  # every fact, as printed
     assert json.loads(capsys.readouterr().out) == result
+    # DVC's metrics file: parity, sizes and the calibration's fit only (no weights, no ids).
+    assert json.loads(metrics.read_text()) == {
+        "parity_max_abs_diff": result["parity_max_abs_diff"],
+        "encoder_bytes": result["encoder_bytes"], "step_bytes": result["step_bytes"],
+        "calibration": {"calibrated": True, "images": 4, "exact_share": 0.0,
+                        "log_loss": result["calibration"]["log_loss"]},
+    }  # fmt: skip
     assert result["parity_passed"] is True and result["parity_max_abs_diff"] <= 1e-4
     assert result["parity_tolerance"] == 1e-4 and result["opset"] == 18
     assert result["run_id"] == "abc123" and result["epoch"] == 4
@@ -281,6 +289,7 @@ def test_export_registers_the_model_in_the_training_run(tmp_path, mlflow_uri, mo
         tmp_path / "models" / "onnx",
         run_path=run_path,
         metrics_path=tmp_path / "export.json",
+        report_path=tmp_path / "report.json",
     )
     assert result["mlflow_run_id"] == training.run_id and result["logged_in_training_run"]
     client = mlflow.MlflowClient(mlflow_uri)
@@ -290,9 +299,13 @@ def test_export_registers_the_model_in_the_training_run(tmp_path, mlflow_uri, mo
     # Exported without --data: no calibration, and both the version and the JSON say so.
     assert version.tags["confidence_calibrated"] == "False"
     assert result["calibration"] == {"calibrated": False}
-    assert json.loads((tmp_path / "export.json").read_text())["registered_version"] == str(
-        version.version
-    )
+    # The flow reads the registered version from DVC's metrics file; the report has it all.
+    assert json.loads((tmp_path / "export.json").read_text()) == {
+        "parity_max_abs_diff": result["parity_max_abs_diff"],
+        "encoder_bytes": result["encoder_bytes"], "step_bytes": result["step_bytes"],
+        "registered_version": str(version.version), "calibration": {"calibrated": False},
+    }  # fmt: skip
+    assert json.loads((tmp_path / "report.json").read_text()) == result
     run = client.get_run(training.run_id)
     assert run.data.metrics["export/parity_max_abs_diff"] == pytest.approx(
         result["parity_max_abs_diff"]

@@ -1,5 +1,6 @@
 """The train stage's files besides the checkpoints: where they go, the per-epoch plots CSV
-and the final metrics (torch-free)."""
+and the final metrics (torch-free): the headline figures in the DVC metrics file, every figure
+in the report."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from seqops.io import atomic_write_text
+from seqops.io import atomic_write_json, atomic_write_text
 
 # Leading columns of the plots CSV; every other metric follows in name order.
 PLOT_COLUMNS = (
@@ -27,16 +28,26 @@ PLOT_COLUMNS = (
     "val/count_mae",
     "val/count_exact",
 )
+# What the DVC metrics file holds, so `dvc metrics show` and `diff` fit a screen: how long
+# training ran and the best epoch's validation loss, points, count and done head. Every
+# figure of that epoch is in the report (and each epoch's in MLflow and the plots CSV).
+# benchmarks/bench_quality.py and tests/pipeline/test_killed_repro.py read epochs_trained.
+HEADLINE_METRICS = (
+    "best_epoch", "epochs_trained", "time/train_minutes", "val/loss", "val/px_err_median",
+    "val/count_mae", "val/count_exact", "val/done_f1",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
 class StageOutputs:
-    """Where the stage writes: checkpoints and run info in ``out_dir``, and the metrics JSON
-    and plots CSV where ``dvc.yaml`` (or the caller) says, when it says."""
+    """Where the stage writes: checkpoints and run info in ``out_dir``; the metrics JSON
+    (headline figures), the report (every figure) and the plots CSV where ``dvc.yaml`` (or
+    the caller) says, when it says."""
 
     out_dir: Path
     metrics_path: Path | None = None
     plots_path: Path | None = None
+    report_path: Path | None = None
 
     @property
     def best_path(self) -> Path:
@@ -82,8 +93,28 @@ def _csv_value(value: Any) -> Any:
 
 
 def final_metrics(history: list[dict[str, float]], best_epoch: int) -> dict[str, Any]:
-    """The best epoch's metrics plus ``best_epoch`` and ``epochs_trained``."""
+    """The best epoch's metrics plus ``best_epoch``, ``epochs_trained`` and
+    ``time/train_minutes`` (the epochs' wall time, resumed runs' earlier epochs included)."""
     best = next((row for row in history if row.get("epoch") == best_epoch), {})
-    metrics: dict[str, Any] = {"best_epoch": best_epoch, "epochs_trained": len(history)}
+    seconds = sum(row.get("time/epoch_seconds", 0.0) for row in history)
+    metrics: dict[str, Any] = {
+        "best_epoch": best_epoch,
+        "epochs_trained": len(history),
+        "time/train_minutes": seconds / 60,
+    }
     metrics.update({k: v for k, v in best.items() if k != "epoch"})
     return json_safe(metrics)
+
+
+def headline_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`HEADLINE_METRICS` of ``metrics`` (the DVC metrics file's content)."""
+    return {k: metrics[k] for k in HEADLINE_METRICS if k in metrics}
+
+
+def write_metrics(outputs: StageOutputs, metrics: dict[str, Any]) -> None:
+    """Every figure to the report, the headline figures to the metrics JSON (each when its
+    path is set)."""
+    if outputs.report_path:
+        atomic_write_json(outputs.report_path, metrics)
+    if outputs.metrics_path:
+        atomic_write_json(outputs.metrics_path, headline_metrics(metrics))

@@ -38,7 +38,7 @@ from seqops.model import SeqCounter, StepOutput, spec_from_params
 from seqops.tracking import TrackedRun, start_run
 from seqops.training import checkpoint as ckpt
 from seqops.training.data import VAL_SEED, StepDataset, collate_steps, fingerprint_dataset
-from seqops.training.outputs import StageOutputs, final_metrics, write_plots_csv
+from seqops.training.outputs import StageOutputs, final_metrics, write_metrics, write_plots_csv
 from seqops.training.runtime import (
     DistInfo,
     autocast,
@@ -77,12 +77,14 @@ def run_train(
     plots_path: str | Path | None = None,
     resume: str | None = None,
     track: bool = True,
+    report_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train on the prepared dataset ``data_dir``.
 
     Writes ``<out_dir>/best.pt`` (lowest ``val/loss``; what export uses), ``<out_dir>/last.pt``
     (resume state, every epoch), ``<out_dir>/train_run.json`` (MLflow run id, best epoch and
-    val loss), the metrics JSON and the per-epoch plots CSV.
+    val loss), the metrics JSON (the headline figures), the report (every figure of the best
+    epoch) and the per-epoch plots CSV.
 
     Args:
         resume: ``auto`` resumes from ``<out_dir>/last.pt`` when it exists, matches (same
@@ -90,10 +92,13 @@ def run_train(
             devices) and has fewer than ``train.epochs`` epochs; ``never`` starts afresh;
             ``require`` fails unless it can resume. None: ``train.resume``.
         track: log the run to MLflow (``MLFLOW_TRACKING_URI`` or the embedded SQLite store).
+        report_path: where every figure goes (``reports/train/metrics.json``); None: the
+            metrics JSON, plots CSV and MLflow only.
 
     Returns:
-        The best epoch's metrics plus ``best_epoch`` and ``epochs_trained`` (what
-        ``metrics_path`` holds); an empty dict on ranks other than 0.
+        The best epoch's metrics plus ``best_epoch``, ``epochs_trained`` and
+        ``time/train_minutes`` (what ``report_path`` holds; ``metrics_path`` holds its
+        headline figures); an empty dict on ranks other than 0.
     """
     resume = params.train.resume if resume is None else resume
     if resume not in RESUME_MODES:
@@ -102,6 +107,7 @@ def run_train(
         Path(out_dir),
         metrics_path=Path(metrics_path) if metrics_path else None,
         plots_path=Path(plots_path) if plots_path else None,
+        report_path=Path(report_path) if report_path else None,
     )
     device, dist = init_distributed(select_device(params.train.device))
     try:
@@ -404,8 +410,7 @@ def finish(run: Run, reason: str) -> dict[str, Any]:
         best = state.describe(stopper.best_epoch, best_row, model_state=state.best_model_state)
         ckpt.save_checkpoint(outputs.best_path, best)
     metrics = final_metrics(state.history, stopper.best_epoch)
-    if outputs.metrics_path:
-        atomic_write_json(outputs.metrics_path, metrics)
+    write_metrics(outputs, metrics)
     if outputs.plots_path:
         write_plots_csv(outputs.plots_path, state.history)
     atomic_write_json(outputs.run_info_path, _run_info(run, reason))
@@ -440,7 +445,7 @@ def _close_tracking(run: Run, reason: str) -> None:
     tracker.log_metrics({"best/val_loss": stopper.best, "best/epoch": stopper.best_epoch}, step=0)
     tracker.set_tags({"best_epoch": stopper.best_epoch, "stopped_reason": reason})
     tracker.log_artifact(outputs.best_path, "checkpoint")
-    for path in (outputs.metrics_path, outputs.plots_path):
+    for path in (outputs.metrics_path, outputs.report_path, outputs.plots_path):
         if path:
             tracker.log_artifact(path, "train")
     tracker.finish()

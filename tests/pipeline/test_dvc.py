@@ -9,9 +9,11 @@ import yaml
 from flow_fixtures import TINY_PIPELINE, make_project_workspace
 from flow_fixtures import run as run_command
 
+from seqops import export
 from seqops.data.manifest import manifest_path, read_manifest
 from seqops.evaluate import HEADLINE_METRICS
 from seqops.params_file import write_overrides
+from seqops.training import outputs as train_outputs
 
 
 def run(cmd: list[str], cwd: Path) -> str:
@@ -79,6 +81,7 @@ def test_repro_whole_pipeline_then_noop(project: Path):
     # DVC's metrics file holds the headline figures of the same evaluation.
     headline = json.loads((project / "metrics" / "evaluate.json").read_text())
     assert headline == {k: metrics[k] for k in HEADLINE_METRICS}
+    _check_headlines_of_train_and_export(project)
     assert (project / "models" / "onnx" / "encoder.onnx").is_file()
 
     again = run(["dvc", "repro"], project)
@@ -89,3 +92,18 @@ def test_repro_whole_pipeline_then_noop(project: Path):
     out = run(["dvc", "repro"], project)
     assert "Running stage 'evaluate'" in out
     assert "Running stage 'train'" not in out and "Running stage 'export'" not in out
+
+
+def _check_headlines_of_train_and_export(project: Path) -> None:
+    """Train and export: DVC's metrics files hold the headline figures of the reports."""
+
+    def read(*parts: str) -> dict:
+        return json.loads(project.joinpath(*parts).read_text())
+
+    trained = read("reports", "train", "metrics.json")
+    assert trained["epochs_trained"] == 1 and "grad/total" in trained and len(trained) > 20
+    assert read("metrics", "train.json") == {k: trained[k] for k in train_outputs.HEADLINE_METRICS}
+    exported = read("reports", "export", "metrics.json")
+    assert exported["registered_version"] == "1" and exported["parity_passed"] is True
+    assert read("metrics", "export.json") == export.headline_export(exported)
+    assert set(read("metrics", "export.json")) == {*export.HEADLINE_METRICS, "calibration"}

@@ -23,7 +23,13 @@ from seqops.imaging import load_image, normalize_pixels, pixels_to_norm, render_
 from seqops.model import spec_from_params
 from seqops.training import checkpoint as ckpt
 from seqops.training.data import StepDataset
-from seqops.training.outputs import StageOutputs
+from seqops.training.outputs import (
+    HEADLINE_METRICS,
+    StageOutputs,
+    final_metrics,
+    headline_metrics,
+    write_metrics,
+)
 from seqops.training.runtime import DistInfo
 from seqops.training.train import (
     Run,
@@ -49,6 +55,7 @@ def train(params, data, tmp_path, **kwargs) -> dict:
         tmp_path / "models",
         metrics_path=tmp_path / "metrics" / "train.json",
         plots_path=tmp_path / "plots" / "train.csv",
+        report_path=tmp_path / "reports" / "train" / "metrics.json",
         **kwargs,
     )
 
@@ -154,7 +161,12 @@ def test_a_tiny_model_learns_and_writes_every_output(tiny_dataset, tmp_path):
     ):  # fmt: skip
         assert key in metrics, key
     assert metrics["grad/xy_head"] > 0 and metrics["grad/done_head"] > 0  # heads were found
-    assert json.loads((tmp_path / "metrics" / "train.json").read_text()) == metrics
+    # The report: every figure; DVC's metrics file: the headline ones (a screen).
+    assert json.loads((tmp_path / "reports" / "train" / "metrics.json").read_text()) == metrics
+    headline = json.loads((tmp_path / "metrics" / "train.json").read_text())
+    assert headline == {k: metrics[k] for k in HEADLINE_METRICS} and len(metrics) > 20
+    seconds = [float(r["time/epoch_seconds"]) for r in rows]
+    assert metrics["time/train_minutes"] == pytest.approx(sum(seconds) / 60, rel=1e-4)
     run_info = json.loads((tmp_path / "models" / "train_run.json").read_text())
     assert run_info["best_epoch"] == metrics["best_epoch"]
     assert run_info["best_val_loss"] == pytest.approx(metrics["val/loss"])
@@ -294,10 +306,14 @@ def test_cli_train_writes_the_stage_outputs(tiny_dataset, tmp_path, capsys):
     sets = [arg for o in (*TINY_OVERRIDES, "train.epochs=1", *PLAIN) for arg in ("--set", o)]
     argv = ["train", "--params", str(ROOT / "params.yaml"), *sets, "--data", str(tiny_dataset)]
     argv += ["--out", str(tmp_path / "models"), "--metrics", str(tmp_path / "m.json")]
-    argv += ["--plots", str(tmp_path / "p.csv"), "--no-mlflow"]
-    assert main(argv) == 0
-    printed = json.loads(capsys.readouterr().out)
-    assert printed == json.loads((tmp_path / "m.json").read_text())
+    argv += ["--plots", str(tmp_path / "p.csv"), "--report", str(tmp_path / "r.json")]
+    assert main([*argv, "--no-mlflow"]) == 0
+    printed = json.loads(capsys.readouterr().out)  # every figure, as the report
+    assert printed == json.loads((tmp_path / "r.json").read_text())
+    assert json.loads((tmp_path / "m.json").read_text()) == headline_metrics(printed)
+    # No rollout here (PLAIN): the count figures are absent, the others are there.
+    headline = {"best_epoch", "epochs_trained", "time/train_minutes", "val/loss"}
+    assert headline <= set(headline_metrics(printed)) < set(printed)
     assert {p.name for p in (tmp_path / "models").iterdir()} == {
         "best.pt",
         "last.pt",
@@ -318,3 +334,32 @@ def test_workers_exemplars_and_nearest_unmarked_train(tiny_dataset, tmp_path):
     assert math.isfinite(metrics["val/loss"])
     model, _ = ckpt.load_model(tmp_path / "models" / "best.pt")
     assert model.spec.exemplars
+
+
+def test_the_metrics_file_gets_the_headline_and_the_report_every_figure(tmp_path):
+    history = [
+        {"epoch": 1, "val/loss": 2.0, "val/count_mae": 3.0, "time/epoch_seconds": 30.0},
+        {"epoch": 2, "val/loss": 1.0, "val/count_mae": math.nan, "time/epoch_seconds": 90.0,
+         "val/mse": 0.5, "grad/total": 4.0},
+        {"epoch": 3, "val/loss": 1.5, "val/count_mae": 1.0, "time/epoch_seconds": 60.0},
+    ]  # fmt: skip
+    metrics = final_metrics(history, best_epoch=2)
+    assert metrics == {
+        "best_epoch": 2, "epochs_trained": 3, "time/train_minutes": 3.0, "val/loss": 1.0,
+        "val/count_mae": None, "time/epoch_seconds": 90.0, "val/mse": 0.5, "grad/total": 4.0,
+    }  # fmt: skip
+    outputs = StageOutputs(
+        tmp_path / "models",
+        metrics_path=tmp_path / "metrics" / "train.json",
+        report_path=tmp_path / "reports" / "train" / "metrics.json",
+    )
+    write_metrics(outputs, metrics)
+    assert json.loads(outputs.report_path.read_text()) == metrics
+    # The headline figures there are (val/count_mae undefined: null, as DVC expects).
+    assert json.loads(outputs.metrics_path.read_text()) == {
+        "best_epoch": 2, "epochs_trained": 3, "time/train_minutes": 3.0, "val/loss": 1.0,
+        "val/count_mae": None,
+    }  # fmt: skip
+    assert list(headline_metrics(metrics)) == [k for k in HEADLINE_METRICS if k in metrics]
+    write_metrics(StageOutputs(tmp_path / "m2"), metrics)  # neither path: nothing written
+    assert not (tmp_path / "m2").exists()
