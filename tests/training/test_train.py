@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -262,6 +263,11 @@ def test_the_mlflow_run_holds_params_metrics_pictures_and_the_checkpoint(
     assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == [
         "checkpoint/best.pt"
     ]
+    # The stage's files: the headline figures, every figure (the report), the curves.
+    logged = sorted(a.path for a in client.list_artifacts(run.info.run_id, "train"))
+    assert logged == ["train/metrics.json", "train/train.csv", "train/train.json"]
+    report = client.download_artifacts(run.info.run_id, "train/metrics.json", str(tmp_path))
+    assert json.loads(Path(report).read_text()) == metrics
 
 
 @pytest.mark.slow
