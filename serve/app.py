@@ -22,6 +22,7 @@ from serve import kserve, routes
 from serve.docs import install_docs
 from serve.http_io import BodyLimitMiddleware, RefuseWhenFull, install_error_handlers
 from serve.prometheus import RequestMetricsMiddleware, ServeMetrics
+from serve.protocol import HTTPProtocol
 from serve.service import Service
 from serve.settings import SHUTDOWN_MARGIN_S, ServeSettings
 
@@ -33,6 +34,9 @@ def create_app(settings: ServeSettings, predictor: Predictor | None = None) -> F
     used as is), so liveness answers at once and readiness once it is warmed up."""
     metrics = ServeMetrics()
     service = Service(settings, metrics, predictor)
+    # The connection-level half of --body-timeout: headers (uvicorn builds one protocol
+    # per connection from this class, in this process).
+    HTTPProtocol.headers_timeout_s = settings.body_timeout_s
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -39,7 +39,7 @@ SETTINGS_FLAGS = {
     "--queue-full-status": ("queue_full_status", int, "429 or 503, when the queue is full"),
     "--deadline": ("deadline_s", float, "default request deadline, s"),
     "--max-deadline": ("max_deadline_s", float, "largest deadline a request may ask, s"),
-    "--body-timeout": ("body_timeout_s", float, "the whole request body within, s (408)"),
+    "--body-timeout": ("body_timeout_s", float, "headers, then the whole body, within, s (408)"),
     "--graceful-timeout": ("graceful_timeout_s", float, "shutdown wait, s (> max deadline + 2)"),
     "--max-connections": ("max_connections", int, "open connections before 503"),
     "--keep-alive": ("keep_alive_s", float, "idle connection timeout, s"),

@@ -48,7 +48,7 @@ class ServeSettings(BaseModel):
     max_connections: int = Field(256, ge=1)  # open connections (idle too); beyond: 503
     keep_alive_s: float = Field(5.0, gt=0)  # an idle connection (also a silent new one) closes
     max_body_bytes: int = Field(20 * MIB, ge=1024)
-    body_timeout_s: float = Field(30.0, gt=0)  # the whole body within this, else 408
+    body_timeout_s: float = Field(30.0, gt=0)  # headers, then the whole body, within this, else 408
     max_pixels: int = Field(40_000_000, ge=1)  # decoded width x height (decompression bombs)
     min_image_side: int = Field(16, ge=1)  # smaller images get 422: nothing to count there
     max_objects: int = Field(DEFAULT_MAX_OBJECTS, ge=1)  # per-request default

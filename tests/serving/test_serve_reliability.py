@@ -107,6 +107,29 @@ def test_a_stalled_upload_gets_408_and_frees_its_place(server):
     assert _metric(server, "seqops_queue_depth") == 0
 
 
+def test_headers_that_trickle_in_get_408_and_the_connection_closed(server):
+    """A slowloris: a request line, then a header byte now and then, never the blank line."""
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    started = time.monotonic()
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    sock.settimeout(0.3)
+    answer = b""
+    for _ in range(20):  # a byte every 0.3 s keeps the idle timer (1 s) from firing
+        try:
+            sock.sendall(b"X")
+            answer += sock.recv(65536)
+        except TimeoutError:
+            continue
+        except OSError:  # the server closed the connection
+            break
+        if answer:
+            break
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["detail"].startswith("request headers")
+    assert time.monotonic() - started < 3  # --body-timeout 1
+
+
 def test_a_full_queue_refuses_before_reading_the_body(server):
     stalled = [_send_partial_upload(server) for _ in range(4)]  # all 4 places held
     try:
