@@ -186,6 +186,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_metrics_arguments(p: argparse.ArgumentParser, stage: str, headline: str, each: str):
+    """A stage's ``--metrics`` (the headline figures, DVC metrics) and ``--report`` (every
+    one; no default, so a caller that moves ``--metrics`` elsewhere writes nothing into the
+    project's reports/)."""
+    p.add_argument(
+        "--metrics",
+        type=Path,
+        default=Path(f"metrics/{stage}.json"),
+        help=f"{headline} (DVC metrics)",
+    )
+    p.add_argument(
+        "--report",
+        type=Path,
+        help=f"every {each} as JSON (dvc.yaml: reports/{stage}/metrics.json; default: not "
+        "written, the same figures are printed)",
+    )
+
+
 def _register_train(sub: argparse._SubParsersAction) -> None:
     p = add_parser(
         sub,
@@ -198,17 +216,8 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     add_params_arguments(p, "train.epochs=3")
     p.add_argument("--data", type=Path, default=Path("data/prepared"), help="prepared dataset")
     p.add_argument("--out", type=Path, default=Path("models"), help="checkpoint directory")
-    p.add_argument(
-        "--metrics",
-        type=Path,
-        default=Path("metrics/train.json"),
-        help="the best epoch's headline figures (DVC metrics)",
-    )
-    p.add_argument(
-        "--report",
-        type=Path,
-        help="every figure of the best epoch as JSON (dvc.yaml: reports/train/metrics.json; "
-        "default: not written, the same figures are printed)",
+    _add_metrics_arguments(
+        p, "train", "the best epoch's headline figures", "figure of the best epoch"
     )
     p.add_argument("--plots", type=Path, default=Path("plots/train.csv"), help="per-epoch CSV")
     p.add_argument(
@@ -265,18 +274,7 @@ def _register_export(sub: argparse._SubParsersAction) -> None:
         help="prepared dataset whose val split calibrates count_confidence (dvc.yaml: "
         "data/prepared); without it, count_confidence is the uncalibrated stop probability",
     )
-    p.add_argument(
-        "--metrics",
-        type=Path,
-        default=Path("metrics/export.json"),
-        help="the export's headline figures (DVC metrics)",
-    )
-    p.add_argument(
-        "--report",
-        type=Path,
-        help="every export fact as JSON (dvc.yaml: reports/export/metrics.json; default: not "
-        "written, the same facts are printed)",
-    )
+    _add_metrics_arguments(p, "export", "the export's headline figures", "export fact")
     p.add_argument("--no-mlflow", action="store_true", help="do not log/register in MLflow")
     p.set_defaults(func=cmd_export)
 

@@ -49,7 +49,7 @@ from seqops.confidence import fit_calibration
 from seqops.config import EvaluateConfig, Params
 from seqops.contract import MAX_EXEMPLARS
 from seqops.data.manifest import Record, manifest_path, read_dataset_info, read_manifest
-from seqops.io import atomic_directory, atomic_write_json
+from seqops.io import atomic_directory, atomic_write_json, pick
 from seqops.transforms import Transform, TransformError, map_boxes, map_points, parse_transforms
 
 log = logging.getLogger(__name__)
@@ -527,7 +527,7 @@ def run_evaluate(
 
 def headline_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     """The :data:`HEADLINE_METRICS` of ``metrics`` (the DVC metrics file's content)."""
-    return {k: metrics[k] for k in HEADLINE_METRICS if k in metrics}
+    return pick(metrics, HEADLINE_METRICS)
 
 
 def _fixed(value: float | None) -> str:

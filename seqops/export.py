@@ -52,7 +52,7 @@ from seqops.contract import (
     GraphIO,
     encoder_io,
 )
-from seqops.io import atomic_directory, atomic_write_json
+from seqops.io import atomic_directory, atomic_write_json, write_metrics_files
 from seqops.model import ModelSpec, SeqCounter
 from seqops.parity import PARITY_BATCH, PARITY_MARKS, check_parity
 
@@ -446,10 +446,7 @@ def write_export_metrics(
 ) -> None:
     """The whole stage's JSON to the report, its :func:`headline_export` to the DVC metrics
     file (each when its path is given)."""
-    if report_path is not None:
-        atomic_write_json(report_path, result)
-    if metrics_path is not None:
-        atomic_write_json(metrics_path, headline_export(result))
+    write_metrics_files(result, headline_export(result), metrics_path, report_path)
 
 
 def _calibrator(params: Params, data_dir: str | Path) -> Calibrate:

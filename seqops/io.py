@@ -19,7 +19,7 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,26 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def pick(metrics: Mapping[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    """The entries of ``metrics`` named in ``keys``, in that order (missing ones left out):
+    a stage's headline figures, what its DVC metrics file holds."""
+    return {k: metrics[k] for k in keys if k in metrics}
+
+
+def write_metrics_files(
+    metrics: Mapping[str, Any],
+    headline: Mapping[str, Any],
+    metrics_path: str | Path | None,
+    report_path: str | Path | None,
+) -> None:
+    """A stage's figures: every one to the report, the ``headline`` ones to the DVC metrics
+    file (each when its path is set), atomically."""
+    if report_path:
+        atomic_write_json(report_path, metrics)
+    if metrics_path:
+        atomic_write_json(metrics_path, headline)
 
 
 @contextlib.contextmanager

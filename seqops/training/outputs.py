@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from seqops.io import atomic_write_json, atomic_write_text
+from seqops.io import atomic_write_text, pick, write_metrics_files
 
 # Leading columns of the plots CSV; every other metric follows in name order.
 PLOT_COLUMNS = (
@@ -108,13 +108,12 @@ def final_metrics(history: list[dict[str, float]], best_epoch: int) -> dict[str,
 
 def headline_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     """The :data:`HEADLINE_METRICS` of ``metrics`` (the DVC metrics file's content)."""
-    return {k: metrics[k] for k in HEADLINE_METRICS if k in metrics}
+    return pick(metrics, HEADLINE_METRICS)
 
 
 def write_metrics(outputs: StageOutputs, metrics: dict[str, Any]) -> None:
     """Every figure to the report, the headline figures to the metrics JSON (each when its
     path is set)."""
-    if outputs.report_path:
-        atomic_write_json(outputs.report_path, metrics)
-    if outputs.metrics_path:
-        atomic_write_json(outputs.metrics_path, headline_metrics(metrics))
+    write_metrics_files(
+        metrics, headline_metrics(metrics), outputs.metrics_path, outputs.report_path
+    )
