@@ -150,7 +150,10 @@ class TrainConfig(_Section):
     # Share of each image's steps taken from the model's own loop (states it really visits),
     # refreshed every epoch from the second on; 0: off. loop_match_px: the least distance
     # within which a loop point found an object (see loop_states.found_radius).
+    # loop_refresh: share of the training images rolled out again each epoch, a rotating
+    # subset (the others keep their last rollout): 1 rolls out every image every epoch.
     loop_share: float = Field(ge=0, le=1)
+    loop_refresh: float = Field(gt=0, le=1)
     loop_match_px: float = Field(gt=0)
     loss: LossConfig
     augment: AugmentConfig

@@ -246,7 +246,7 @@ def train_epochs(run: Run) -> str:
             return "early_stopping"
         epoch_started = time.perf_counter()
         if cfg.loop_share > 0 and epoch > 1:
-            refresh_loop_points(run)
+            refresh_loop_points(run, epoch)
         row = {"epoch": epoch, **train_one_epoch(run, epoch)}
         found: list[np.ndarray] = []
         if main:
@@ -293,23 +293,31 @@ LOOP_BATCH = 32
 
 
 @torch.no_grad()
-def refresh_loop_points(run: Run) -> None:
+def refresh_loop_points(run: Run, epoch: int = 2) -> None:
     """Run the current model's loop (as served: eval mode, the export's done threshold) on
     the training images and hand the points found to the dataset, whose steps then include
-    the states that loop visits (``train.loop_share``)."""
+    the states that loop visits (``train.loop_share``).
+
+    Each epoch rolls out the share ``train.loop_refresh`` of the images, in turn (image
+    ``i`` in epoch ``e`` when ``i % parts == (e - 2) % parts``): a rollout of every image
+    costs about two thirds of a training epoch, and states one or two epochs old teach the
+    step nearly as well. Images not rolled out yet train on clean marks only.
+    """
     ds, model, params = run.train_ds, run.state.model, run.params
+    parts = max(1, round(1 / params.train.loop_refresh))
+    chosen = np.flatnonzero(np.arange(len(ds)) % parts == (epoch - 2) % parts)
     model.eval()
     max_steps = 2 * params.prepare.max_objects
-    found: dict[int, np.ndarray] = {}
-    for start in range(0, len(ds), LOOP_BATCH):
-        index = range(start, min(start + LOOP_BATCH, len(ds)))
+    found = dict(ds.loop_points)
+    for start in range(0, len(chosen), LOOP_BATCH):
+        index = chosen[start : start + LOOP_BATCH]
         masks = np.stack([ds.exemplar_mask(i) for i in index]) if ds.exemplars else None
         points = rollout(
-            model, ds.pixels[index.start : index.stop], masks, max_steps, run.device,
+            model, ds.pixels[index], masks, max_steps, run.device,
             params.evaluate.done_threshold,
         )  # fmt: skip
         for i, norm in zip(index, points, strict=True):
-            found[i] = norm_to_pixels(norm, ds.image_size)
+            found[int(i)] = norm_to_pixels(norm, ds.image_size)
     ds.loop_points = found
     model.train()
 

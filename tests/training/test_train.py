@@ -130,7 +130,8 @@ def test_an_epoch_saved_by_save_epoch_is_resumed_by_set_up(tiny_dataset, tmp_pat
 
 @pytest.mark.slow
 def test_the_loop_own_states_reach_the_training_batches(tiny_dataset, tmp_path):
-    run = set_up_on_cpu(shrink_params(*PLAIN, "train.loop_share=0.5"), tiny_dataset, tmp_path)
+    params = shrink_params(*PLAIN, "train.loop_share=0.5", "train.loop_refresh=1")
+    run = set_up_on_cpu(params, tiny_dataset, tmp_path)
     refresh_loop_points(run)
     ds = run.train_ds
     assert sorted(ds.loop_points) == list(range(len(ds)))
@@ -143,6 +144,20 @@ def test_the_loop_own_states_reach_the_training_batches(tiny_dataset, tmp_path):
     np.testing.assert_allclose(item["marks"][k - 1, 0], final_marks, atol=1e-6)
     metrics = train_one_epoch(run, epoch=2)
     assert math.isfinite(metrics["train/loss"])
+
+
+@pytest.mark.slow
+def test_each_epoch_rolls_out_its_share_of_the_images_in_turn(tiny_dataset, tmp_path):
+    params = shrink_params(*PLAIN, "train.loop_share=0.5", "train.loop_refresh=0.5")
+    run = set_up_on_cpu(params, tiny_dataset, tmp_path)
+    n = len(run.train_ds)
+    refresh_loop_points(run, epoch=2)
+    assert sorted(run.train_ds.loop_points) == list(range(0, n, 2))
+    first = {i: p.copy() for i, p in run.train_ds.loop_points.items()}
+    refresh_loop_points(run, epoch=3)  # the other half; the first half keeps its rollout
+    assert sorted(run.train_ds.loop_points) == list(range(n))
+    for i, points in first.items():
+        np.testing.assert_array_equal(run.train_ds.loop_points[i], points)
 
 
 @pytest.mark.slow
