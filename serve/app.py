@@ -1,5 +1,6 @@
 """The FastAPI app: the routers of ``serve.routes`` (``/predict``, ``/predict/stream``,
-``/next``, health, metrics) and ``serve.kserve`` (KServe v2), and the service behind them.
+``/next``, ``/info``, health, metrics), ``serve.kserve`` (KServe v2) and ``serve.collect``
+(``/collect``), the service behind them, and the counting page at ``/`` (``serve/static``).
 
 ``create_app(settings)`` builds one app; ``create_app_from_env()`` is the factory uvicorn's
 workers import. Docs at ``/docs``, the schema at ``/openapi.json``.
@@ -13,12 +14,15 @@ import logging
 import signal
 import threading
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 
 from seqops import __version__
 from seqops.predictor import Predictor
-from serve import kserve, routes
+from serve import collect, kserve, routes
 from serve.docs import install_docs
 from serve.http_io import BodyLimitMiddleware, RefuseWhenFull, install_error_handlers
 from serve.prometheus import RequestMetricsMiddleware, ServeMetrics
@@ -27,6 +31,7 @@ from serve.service import Service
 from serve.settings import SHUTDOWN_MARGIN_S, ServeSettings
 
 log = logging.getLogger(__name__)
+PAGE_DIR = Path(__file__).parent / "static"  # index.html, app.js, app.css: no build step
 
 
 def create_app(settings: ServeSettings, predictor: Predictor | None = None) -> FastAPI:
@@ -60,9 +65,16 @@ def create_app(settings: ServeSettings, predictor: Predictor | None = None) -> F
         redoc_url=None,
     )
     install_docs(app)
+    install_page(app)
     app.state.service = service
+    app.state.collector = (
+        collect.Collector(settings.collect_dir, settings.collect_max_mb)
+        if settings.collect_dir
+        else None
+    )
     install_error_handlers(app)
-    for router in (routes.health_router, routes.router, kserve.health_router, kserve.router):
+    routers = (routes.health_router, routes.router, collect.router, kserve.health_router)
+    for router in (*routers, kserve.router):
         app.include_router(router)
     app.add_middleware(RefuseWhenFull, service=service)  # inside the body limit and metrics
     app.add_middleware(
@@ -76,6 +88,16 @@ def create_app(settings: ServeSettings, predictor: Predictor | None = None) -> F
         endpoints={"/predict": "predict", "/predict/stream": "predict_stream", "/next": "next"},
     )
     return app
+
+
+def install_page(app: FastAPI) -> None:
+    """The counting page at ``/`` and its assets under ``/page``: open, like ``/docs`` (they
+    hold no data; the page asks for the API key when a request answers 401)."""
+    app.mount("/page", StaticFiles(directory=PAGE_DIR), name="page")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(PAGE_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
 
 def create_app_from_env() -> FastAPI:

@@ -329,6 +329,7 @@ class StepBatcher:
         if not new:
             return
         size = self.predictor.info.image_size
+        given = len(job.initial_points)  # marked before the loop's first step: no done_prob
         for k, (x, y) in enumerate(points_to_original(new, job.image, size), start=job.sent):
             job.stream.put_nowait(
                 {
@@ -336,7 +337,7 @@ class StepBatcher:
                     "index": k,
                     "x": round(float(x), 2),
                     "y": round(float(y), 2),
-                    "done_prob": round(rollout.done_probs[k], 4),
+                    "done_prob": round(rollout.done_probs[k - given], 4),
                 }
             )
         job.sent = len(rollout.points_norm)

@@ -21,6 +21,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from seqops import imaging
+from seqops.contract import MAX_EXEMPLARS
 from seqops.predictor import PreparedImage
 from serve.batcher import Job
 from serve.http_io import (
@@ -38,12 +39,15 @@ from serve.schemas import (
     NextJSON,
     NextOptions,
     NextResponse,
+    PageInfo,
     PredictJSON,
     PredictOptions,
     PredictResponse,
     Readiness,
     StreamDone,
     StreamError,
+    StreamJSON,
+    StreamOptions,
     StreamPoint,
     StreamRecord,
 )
@@ -93,6 +97,23 @@ async def metrics(service: ServiceDep) -> PrometheusResponse:
     return PrometheusResponse(service.metrics.render())
 
 
+@router.get("/info", summary="What the page (and any client) needs first", response_model=PageInfo)
+async def info(request: Request, service: ServiceDep) -> dict:
+    """The served model, whether it takes exemplar boxes, the limits on points, and whether
+    `POST /collect` saves (the server was started with `--collect DIR`)."""
+    service.check_ready()
+    s = service.settings
+    return {
+        "model": service.model_ref(),
+        "exemplars": service.predictor.info.exemplars,
+        "max_exemplars": MAX_EXEMPLARS,
+        "max_objects": s.max_objects,
+        "max_objects_limit": s.max_objects_limit,
+        "max_body_bytes": s.max_body_bytes,
+        "collect": request.app.state.collector is not None,
+    }
+
+
 # --- options given as query parameters ------------------------------------------------------
 
 # Documented and type-checked by FastAPI; JSON and form fields may give the same options in
@@ -133,6 +154,17 @@ def next_query(
 
 
 PredictQuery = Annotated[dict, Depends(predict_query)]
+
+
+def stream_query(
+    base: PredictQuery,
+    points: str | None = Query(None, description="JSON [[x, y], ...] already found"),
+) -> dict:
+    """The options of ``/predict/stream`` given as query parameters."""
+    return {**base, "points": points}
+
+
+StreamQuery = Annotated[dict, Depends(stream_query)]
 NextQuery = Annotated[dict, Depends(next_query)]
 
 # --- counting -------------------------------------------------------------------------------
@@ -192,13 +224,15 @@ class _NDJSONResponse(StreamingResponse):
     response_model=None,
     response_class=_NDJSONResponse,
     responses={200: _STREAM_DOC},
-    openapi_extra=image_body_doc(PredictJSON),
+    openapi_extra=image_body_doc(StreamJSON),
 )
 async def predict_stream(
-    request: Request, service: ServiceDep, query: PredictQuery
+    request: Request, service: ServiceDep, query: StreamQuery
 ) -> StreamingResponse:
-    """Same input as `/predict`. Errors found before the first record are answered as by
-    `/predict`; a failure after it (e.g. the deadline) ends the stream with a StreamError."""
+    """Same input as `/predict`, plus optional `points` already found (a count a person
+    corrected continues from them: its records start at index `len(points)`). Errors found
+    before the first record are answered as by `/predict`; a failure after it (e.g. the
+    deadline) ends the stream with a StreamError."""
     sse = "text/event-stream" in request.headers.get("accept", "")
     job, t0 = await _start_count(service, request, query, stream=True)
     return StreamingResponse(
@@ -256,12 +290,18 @@ async def _start_count(
     # Admission before the body is read: a full queue answers 429 at once, and at most
     # max_queue bodies are being received and decoded at any time (bounded memory).
     async with service.slot() as slot:
-        data, fields = await read_image_request(request, PredictJSON)
-        options = parse_options(PredictOptions, query, fields)
+        data, fields = await read_image_request(request, StreamJSON if stream else PredictJSON)
+        options = parse_options(StreamOptions if stream else PredictOptions, query, fields)
         threshold, max_objects, deadline = service.loop_settings(options, options.max_objects)
+        given = getattr(options, "points", [])
+        if given and len(given) >= max_objects:
+            raise ServeError(
+                422, f"points: {len(given)} given, max_objects is {max_objects}: none left to find"
+            )
         image, prepare_ms = await _prepare(service, data, options.exemplars)
+        given_norm = _points_to_norm(given, image, service.predictor.info.image_size)
         queue = asyncio.Queue() if stream else None
-        job = Job(image, threshold, max_objects, deadline, stream=queue, prepare_ms=prepare_ms)
+        job = Job(image, threshold, max_objects, deadline, given_norm, queue, prepare_ms=prepare_ms)
         slot.submit(job)
     return job, t0
 
@@ -305,9 +345,11 @@ async def _stream_records(
             request.state.outcome_status = error.status
             yield _encode_record(StreamError(status=error.status, detail=error.message), sse)
             return
+        # A continued count's loop did not take the first steps its confidence reads.
+        confidence = None if job.initial_points else prediction.count_confidence
         done = StreamDone(
             count=prediction.count,
-            count_confidence=prediction.count_confidence,
+            count_confidence=confidence,
             done_prob=prediction.done_probs[-1] if prediction.done_probs else None,
             stopped_by=prediction.stopped_by,
             model=service.model_ref(),

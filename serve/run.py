@@ -47,6 +47,8 @@ SETTINGS_FLAGS = {
     "--min-image-side": ("min_image_side", int, "smallest image side, px (422 below)"),
     "--max-objects": ("max_objects", int, "default loop guard"),
     "--max-objects-limit": ("max_objects_limit", int, "largest guard a request may ask"),
+    "--collect": ("collect_dir", str, "folder POST /collect saves images + points to; off"),
+    "--collect-max-mb": ("collect_max_mb", float, "the collect folder's size cap, MiB"),
     "--api-key-env": (
         "api_key_env", str,
         "environment variable holding the bearer token; unset/empty: no key needed",
@@ -61,7 +63,8 @@ def build_parser(prog: str = "python -m serve.run") -> argparse.ArgumentParser:
         description="Serve a model directory or an MLflow model (default: "
         f"{DEFAULT_MODEL_URI} when a champion exists, else {LOCAL_MODEL_DIR}) with step-level "
         "batching: POST /predict, /predict/stream, /next, the KServe v2 endpoints under /v2, "
-        "/healthz, /readyz, /metrics; docs at /docs. SIGTERM: finish in-flight requests, exit.",
+        "/healthz, /readyz, /metrics; the counting page at /, docs at /docs. SIGTERM: finish "
+        "in-flight requests, exit.",
     )
     p.add_argument("--model", help=f"model directory or MLflow URI (env {MODEL_ENV})")
     p.add_argument(
@@ -91,6 +94,8 @@ def settings_from_args(args: argparse.Namespace, model_dir: str, version: str | 
     values = {field: getattr(args, field) for field, _, _ in SETTINGS_FLAGS.values()}
     if args.no_batching:
         values["max_active"] = 1
+    if values["collect_dir"]:  # workers and logs see the folder the command meant
+        values["collect_dir"] = os.path.abspath(values["collect_dir"])
     return ServeSettings(
         model=model_dir,
         model_version=version,
@@ -111,6 +116,10 @@ def run_server(args: argparse.Namespace) -> int:
         raise ValueError(f"serve settings: {exc}") from None
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: reachable from other hosts", args.host)
+    if settings.collect_dir:
+        log.info(
+            "POST /collect saves to %s (cap %g MiB)", settings.collect_dir, settings.collect_max_mb
+        )
     if settings.api_key() is None:
         log.info("no API key: set %s to require a bearer token", settings.api_key_env)
     else:  # say it either way, so a reader of the log knows which one is running

@@ -54,6 +54,19 @@ class PredictOptions(LoopOptions):
     )
 
 
+class StreamOptions(PredictOptions):
+    """Options of ``/predict/stream``: optionally the objects already found, so a count a
+    person corrected continues from the corrected points (one encoding, as a fresh count)."""
+
+    points: list[Point] = Field(
+        default_factory=list,
+        description="objects already found, [[x, y], ...] original pixels; the stream's"
+        " records then start at index len(points), and max_objects counts them too",
+    )
+
+    _json_points = field_validator("points", mode="before")(_parse_json_text)
+
+
 class NextOptions(LoopOptions):
     """Options of ``/next``: the objects already found (original pixels)."""
 
@@ -66,6 +79,12 @@ class NextOptions(LoopOptions):
 
 class PredictJSON(PredictOptions):
     """``application/json`` body of ``/predict`` (the image base64-encoded)."""
+
+    image: str = Field(description="the PNG/JPEG file, base64-encoded")
+
+
+class StreamJSON(StreamOptions):
+    """``application/json`` body of ``/predict/stream``."""
 
     image: str = Field(description="the PNG/JPEG file, base64-encoded")
 
@@ -135,8 +154,13 @@ class StreamDone(BaseModel):
     """The last record of ``/predict/stream``."""
 
     event: Literal["done"] = "done"
-    count: int
-    count_confidence: float = _COUNT_CONFIDENCE
+    count: int = Field(description="every object, the given points included")
+    count_confidence: float | None = Field(
+        ge=0,
+        le=1,
+        description="how likely the count is exact (as /predict's); null for a count continued"
+        " from given points, whose first steps the loop did not take",
+    )
     done_prob: float | None
     stopped_by: str
     model: ModelRef
@@ -171,6 +195,46 @@ class Readiness(BaseModel):
     reason: str | None = Field(
         None, description="when not ready: loading, shutting down, or the load error"
     )
+
+
+class PageInfo(BaseModel):
+    """``/info``: what a client such as the page at ``/`` needs before its first request."""
+
+    model: ModelRef
+    exemplars: bool = Field(description="the model counts what 1-3 exemplar boxes show")
+    max_exemplars: int
+    max_objects: int = Field(description="the server's default loop guard")
+    max_objects_limit: int = Field(description="the most points a request may give or ask for")
+    max_body_bytes: int
+    collect: bool = Field(description="POST /collect saves images and points (--collect)")
+
+
+class CollectOptions(BaseModel):
+    """The form fields of ``POST /collect`` besides the image ``file``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    points: list[Point] = Field(
+        description="every object of the image, [[x, y], ...] in original pixels of the image"
+        " as shown (EXIF orientation applied); [] for an image with none"
+    )
+
+    _json_points = field_validator("points", mode="before")(_parse_json_text)
+
+
+class CollectJSON(CollectOptions):
+    """``application/json`` body of ``/collect``."""
+
+    image: str = Field(description="the PNG/JPEG file, base64-encoded")
+
+
+class CollectResponse(BaseModel):
+    """A saved record: ``<id>.png`` and ``<id>.json`` (LabelMe points) in the collect folder."""
+
+    id: str = Field(description="first 20 hex digits of the SHA-256 of the image's RGB pixels")
+    count: int
+    path: str = Field(description="the record's LabelMe file, relative to the collect folder")
+    replaced: bool = Field(description="the same image had been saved before; its record is new")
 
 
 class Partial(BaseModel):

@@ -312,7 +312,12 @@ class Service:
                     f"exemplars: box {list(box)} is empty or outside the {width}x{height} image",
                 )
 
-    def _decode(self, data: bytes) -> tuple[Image.Image, tuple[int, int]]:
+    def decode_full(self, data: bytes) -> Image.Image:
+        """Encoded bytes -> the whole RGB image as the user sees it, with the checks and
+        errors of counting requests, not reduced: what ``/collect`` stores (pool thread)."""
+        return self._decode(data, reduced=False)[0]
+
+    def _decode(self, data: bytes, reduced: bool = True) -> tuple[Image.Image, tuple[int, int]]:
         """Encoded bytes -> RGB image as the user sees it (EXIF orientation applied) and its
         full size; a JPEG is decoded reduced (down to the model's input side), a large
         photo then costs a fraction of its full decoding memory. 413 before decoding any
@@ -320,7 +325,7 @@ class Service:
         (the message names it), 400 when undecodable."""
         if not data:
             raise ServeError(400, "image: the body is empty")
-        size = self.predictor.info.image_size
+        size = self.predictor.info.image_size if reduced else 0
         try:
             with self._pixel_budget.hold(_header_pixels(data)):
                 image, full_size = imaging.load_image_reduced(
@@ -329,7 +334,7 @@ class Service:
                 # Shrink by a whole factor while both sides stay >= the model's input (the
                 # box filter Pillow's own resize uses on the way), so the conversions and
                 # the resize after this work on a fraction of the pixels.
-                factor = min(image.width, image.height) // size
+                factor = min(image.width, image.height) // size if reduced else 1
                 if factor >= 2:
                     image = image.reduce(factor)
         except imaging.ImageTooLargeError as exc:

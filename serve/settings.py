@@ -55,6 +55,10 @@ class ServeSettings(BaseModel):
     max_objects_limit: int = Field(1000, ge=1)  # what a request may ask for
     decode_threads: int = Field(2, ge=1)  # image decoding/resizing, off the event loop
     api_key_env: str = DEFAULT_API_KEY_ENV  # bearer token required when this variable is set
+    # POST /collect saves an image and its corrected points here (off when None); the
+    # folder's total size stays under collect_max_mb (507 beyond, nothing written).
+    collect_dir: str | None = None
+    collect_max_mb: float = Field(1024.0, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> ServeSettings:
