@@ -1,0 +1,420 @@
+"""The counting page at ``/`` in a real browser: Debian's headless Chromium, driven through
+its WebDriver (``chromedriver``) by Selenium, against a real ``seqops serve --collect DIR``.
+
+What a person does: drop an image, watch the count reach the model's answer (the same as
+``/predict`` gives), remove a point and add one and see the model continue (the same as
+``/predict/stream`` gives from those points), undo and redo, correct with the keyboard alone,
+zoom, resize the window, export CSV and JSON, save to the dataset and read the folder back
+with ``seqops prepare``. ``scripts/browser.sh install`` puts Chromium on the machine (apt).
+
+The served model is the tiny test one whose done never fires: ``--max-objects`` sets every
+count, so each step of the story has an exact expected answer.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+from selenium.webdriver.common.keys import Keys
+from serve_fixtures import Server, png_pixels, seqops_command, serve_model
+
+pytestmark = [pytest.mark.e2e]
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "browser.sh"
+MAX_OBJECTS = 6  # the server's loop guard: the model's answer for every fresh count
+WINDOW = (1280, 860)
+
+
+def _browser_paths() -> tuple[str, str]:
+    """Chromium and chromedriver, installed by the project's script when missing."""
+    if shutil.which("chromium") is None or shutil.which("chromedriver") is None:
+        if os.geteuid() != 0:
+            pytest.skip("installing Chromium (scripts/browser.sh install) needs root and apt-get")
+        proc = subprocess.run([str(SCRIPT), "install"], capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"browser.sh install:\n{proc.stdout}{proc.stderr}"
+    proc = subprocess.run([str(SCRIPT), "paths"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    browser, driver = proc.stdout.split()
+    return browser, driver
+
+
+def make_scene(width: int, height: int, seed: int = 0) -> bytes:
+    """A light PNG with dark discs (what the page would be given), non-square."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(200, 6, size=(height, width, 3)).clip(0, 255).astype(np.uint8)
+    image = Image.fromarray(base)
+    draw = ImageDraw.Draw(image)
+    for x, y in rng.uniform([20, 20], [width - 20, height - 20], size=(12, 2)):
+        draw.ellipse((x - 9, y - 9, x + 9, y + 9), fill=(40, 60, 160))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+class Page:
+    """The page in one Chromium window, with the moves a person makes."""
+
+    def __init__(self, driver, base: str) -> None:
+        self.driver = driver
+        self.base = base
+
+    def js(self, script: str, *args):
+        return self.driver.execute_script(script, *args)
+
+    def wait(self, condition, timeout: float = 30.0, what: str = "condition"):
+        stop_at = time.monotonic() + timeout
+        while time.monotonic() < stop_at:
+            value = condition()
+            if value:
+                return value
+            time.sleep(0.02)
+        status = self.js("return document.getElementById('status').textContent")
+        raise AssertionError(f"timed out waiting for {what}; the page says: {status}")
+
+    def open(self) -> None:
+        self.driver.get(self.base + "/")
+        self.wait(lambda: self.js("return document.body.dataset.ready === 'true'"), what="/info")
+
+    def drop(self, data: bytes, name: str, mime: str = "image/png") -> None:
+        """Drop a file on the image area, as a drag from the desktop does."""
+        self.js(
+            """const [b64, name, type] = arguments;
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const data = new DataTransfer();
+            data.items.add(new File([bytes], name, {type}));
+            document.getElementById('view').dispatchEvent(
+              new DragEvent('drop', {dataTransfer: data, bubbles: true, cancelable: true}));""",
+            base64.b64encode(data).decode(), name, mime,
+        )  # fmt: skip
+
+    def state(self) -> str:
+        return self.js("return document.body.dataset.state")
+
+    def settled(self, count: int, timeout: float = 30.0) -> list[list[float]]:
+        """Wait until a count has finished with ``count`` points; the points."""
+
+        def done():
+            return self.state() == "done" and self.js("return seqops.points.length") == count
+
+        self.wait(done, timeout, f"a finished count of {count}")
+        return self.points()
+
+    def points(self) -> list[list[float]]:
+        return self.js("return seqops.points.map((p) => [p.x, p.y])")
+
+    def screen_of(self, x: float, y: float) -> tuple[int, int]:
+        """Where image pixel (x, y) is in the window (CSS px)."""
+        return tuple(
+            self.js(
+                """const r = document.getElementById('view').getBoundingClientRect();
+                const v = seqops.view;
+                const [x, y] = arguments;
+                return [r.left + x * v.scale + v.x, r.top + y * v.scale + v.y];""",
+                x, y,
+            )
+        )  # fmt: skip
+
+    def click_image(self, x: float, y: float) -> None:
+        from selenium.webdriver.common.actions.action_builder import ActionBuilder
+
+        sx, sy = self.screen_of(x, y)
+        actions = ActionBuilder(self.driver)
+        actions.pointer_action.move_to_location(round(sx), round(sy)).click()
+        actions.perform()
+
+    def keys(self, *keys: str) -> None:
+        from selenium.webdriver.common.action_chains import ActionChains
+
+        chain = ActionChains(self.driver)
+        for key in keys:
+            chain.send_keys(key)
+        chain.perform()
+
+    def chord(self, modifier: str, key: str) -> None:
+        """``key`` with ``modifier`` held (``Keys.CONTROL``, ``Keys.SHIFT``)."""
+        from selenium.webdriver.common.action_chains import ActionChains
+
+        ActionChains(self.driver).key_down(modifier).send_keys(key).key_up(modifier).perform()
+
+    def mark_centres(self) -> list[tuple[float, float]]:
+        """The drawn marks' centres on screen, in order."""
+        return self.js(
+            """return [...document.querySelectorAll('#marks circle')].map((c) => {
+                const r = c.getBoundingClientRect();
+                return [r.left + r.width / 2, r.top + r.height / 2];
+            });"""
+        )
+
+
+def stream_from(base: str, image: bytes, points: list, max_objects: int) -> list[list[float]]:
+    """What ``/predict/stream`` finds after ``points``: the expected continuation."""
+    files = {"file": ("a.png", image, "image/png")}
+    data = {"points": json.dumps(points), "max_objects": str(max_objects)}
+    response = httpx.post(f"{base}/predict/stream", files=files, data=data, timeout=30)
+    assert response.status_code == 200, response.text
+    records = [json.loads(line) for line in response.text.splitlines()]
+    assert records[-1]["event"] == "done", records[-1]
+    return [[r["x"], r["y"]] for r in records[:-1]]
+
+
+@pytest.fixture(scope="module")
+def browser_paths():
+    return _browser_paths()
+
+
+@pytest.fixture(scope="module")
+def collected(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("page") / "collected"
+
+
+@pytest.fixture(scope="module")
+def server(collected, tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("page_server") / "server.log"
+    srv = Server(
+        serve_model(), log_path, "--collect", str(collected), "--max-objects", str(MAX_OBJECTS),
+        "--max-objects-limit", "60",
+    )  # fmt: skip
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def downloads(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("downloads")
+
+
+@pytest.fixture(scope="module")
+def driver(browser_paths, downloads):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    browser, chromedriver = browser_paths
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        f"--window-size={WINDOW[0]},{WINDOW[1]}",
+        "--force-device-scale-factor=1",
+    ):
+        options.add_argument(flag)  # fmt: skip
+    options.add_experimental_option(
+        "prefs",
+        {"download.default_directory": str(downloads), "download.prompt_for_download": False},
+    )
+    chrome = webdriver.Chrome(service=Service(chromedriver), options=options)
+    try:
+        yield chrome
+    finally:
+        chrome.quit()
+
+
+@pytest.fixture
+def page(driver, server):
+    driver.set_window_size(*WINDOW)
+    page = Page(driver, server.base)
+    page.open()
+    return page
+
+
+def wait_for_download(folder: Path, name: str, timeout: float = 15.0) -> Path:
+    path = folder / name
+    stop_at = time.monotonic() + timeout
+    while time.monotonic() < stop_at:
+        if path.is_file() and not list(folder.glob("*.crdownload")):
+            return path
+        time.sleep(0.05)
+    raise AssertionError(f"{name} was not downloaded; {folder} holds {os.listdir(folder)}")
+
+
+# --- the story ------------------------------------------------------------------------------
+
+
+def test_count_correct_export_and_save(page, server, collected, downloads, tmp_path):
+    image = make_scene(360, 240)
+    page.drop(image, "cells.png")
+    found = page.settled(MAX_OBJECTS)
+    timings = page.js("return seqops.timings")
+    drop_to_count_ms = timings["firstDone"] - timings["opened"]
+    answer = httpx.post(f"{server.base}/predict", content=image,
+                        headers={"content-type": "image/png"}, timeout=30).json()  # fmt: skip
+    assert np.allclose(found, answer["points"], atol=0.01)  # the model's own answer
+    assert page.js("return document.getElementById('count-value').textContent") == "6"
+    confidence = page.js("return document.getElementById('confidence').textContent")
+    assert confidence == f"{round(answer['count_confidence'] * 100)}%"
+    # The marks are drawn where the points are: numbered, on the image.
+    for (sx, sy), (x, y) in zip(page.mark_centres(), found, strict=True):
+        assert np.allclose((sx, sy), page.screen_of(x, y), atol=1.0)
+    page.driver.save_screenshot(str(tmp_path / "counted.png"))
+
+    # Remove the third point: the model continues from the five left (guard: 5 + 6).
+    page.click_image(*found[2])
+    kept = found[:2] + found[3:]
+    continued = page.settled(11)
+    assert np.allclose(continued[:5], kept, atol=0.01)
+    assert np.allclose(continued[5:], stream_from(server.base, image, kept, 11), atol=0.01)
+    assert page.js("return document.getElementById('confidence').textContent") == "–"
+
+    # Add a missed object where no point is: the model continues from those 12.
+    spot = next(
+        (x, y) for x, y in [(8.0, 8.0), (350.0, 8.0), (8.0, 230.0), (350.0, 230.0)]
+        if min(np.hypot(px - x, py - y) for px, py in continued) > 15
+    )  # fmt: skip
+    page.click_image(*spot)
+    added = page.settled(18)
+    assert np.allclose(added[11], spot, atol=0.6)  # one screen pixel at this zoom
+    given = added[:12]
+    assert np.allclose(added[12:], stream_from(server.base, image, given, 18), atol=0.01)
+
+    # Undo the continuation, then the added point; redo both.
+    page.chord(Keys.CONTROL, "z")
+    page.wait(lambda: page.js("return seqops.points.length") == 12, what="undo")
+    page.chord(Keys.CONTROL, "z")
+    page.wait(lambda: page.js("return seqops.points.length") == 11, what="second undo")
+    assert np.allclose(page.points(), continued, atol=0.01)
+    page.chord(Keys.CONTROL, "y")
+    page.chord(Keys.CONTROL, "y")
+    page.wait(lambda: page.js("return seqops.points.length") == 18, what="redo")
+    final = page.points()
+
+    # Export: the files hold the points in the image's own pixels.
+    page.driver.find_element("id", "export-csv").click()
+    page.driver.find_element("id", "export-json").click()
+    rows = list(csv.DictReader(wait_for_download(downloads, "cells.points.csv").open()))
+    assert [r["image"] for r in rows] == ["cells.png"] * 18
+    assert np.allclose([[float(r["x"]), float(r["y"])] for r in rows], final, atol=1e-9)
+    exported = json.loads(wait_for_download(downloads, "cells.points.json").read_text())
+    assert (exported["width"], exported["height"], exported["count"]) == (360, 240, 18)
+    assert np.allclose(exported["points"], final, atol=1e-9)
+
+    # Save to the dataset: one LabelMe record, the image's pixels beside it.
+    page.driver.find_element("id", "save").click()
+    record_id = page.wait(lambda: page.js("return document.body.dataset.saved"), what="save")
+    record = json.loads((collected / f"{record_id}.json").read_text())
+    assert record["imagePath"] == f"{record_id}.png" and record["imageData"] is None
+    assert (record["imageWidth"], record["imageHeight"]) == (360, 240)
+    assert all(s["shape_type"] == "point" and s["label"] == "object" for s in record["shapes"])
+    assert np.allclose([s["points"][0] for s in record["shapes"]], final, atol=1e-9)
+    saved = png_pixels((collected / f"{record_id}.png").read_bytes())
+    assert np.array_equal(saved, png_pixels(image))
+    page.driver.save_screenshot(str(tmp_path / "saved.png"))
+    (tmp_path / "timing.json").write_text(json.dumps({"drop_to_count_ms": drop_to_count_ms}))
+    print(f"drop image -> final count: {drop_to_count_ms:.0f} ms (tiny test model)")
+
+
+def test_the_keyboard_alone_corrects_and_exports(page, server, downloads):
+    image = make_scene(300, 200, seed=1)
+    page.drop(image, "keys.png")
+    found = page.settled(MAX_OBJECTS)
+    view = page.driver.find_element("id", "view")
+    assert page.driver.switch_to.active_element == view  # the image has the focus
+    page.keys("]", "]", Keys.DELETE)  # select point 2, remove it
+    kept = [found[0], *found[2:]]
+    continued = page.settled(11)
+    assert np.allclose(continued[:5], kept, atol=0.01)
+    # The cursor is on the removed point; move it (Shift: faster) clear of every point and
+    # add one there with Space.
+    for _ in range(12):
+        cursor = page.js("return [seqops.cursor.x, seqops.cursor.y]")
+        if min(np.hypot(x - cursor[0], y - cursor[1]) for x, y in continued) > 20:
+            break
+        page.chord(Keys.SHIFT, Keys.DOWN if cursor[1] < 150 else Keys.RIGHT)
+    page.keys(Keys.SPACE)
+    added = page.settled(18)
+    assert np.allclose(added[11], cursor, atol=0.01)
+    page.chord(Keys.SHIFT, "c")  # export CSV
+    rows = list(csv.DictReader(wait_for_download(downloads, "keys.points.csv").open()))
+    assert len(rows) == 18
+
+
+def test_points_stay_on_their_objects_through_zoom_and_resize(page, server):
+    page.drop(make_scene(360, 240, seed=2), "zoom.png")
+    found = page.settled(MAX_OBJECTS)
+
+    def on_image():
+        """Each mark's centre, as a fraction of the drawn image, equals its point's."""
+        box = page.js("return document.getElementById('image').getBoundingClientRect().toJSON()")
+        for (sx, sy), (x, y) in zip(page.mark_centres(), found, strict=True):
+            fx, fy = (sx - box["left"]) / box["width"], (sy - box["top"]) / box["height"]
+            assert np.allclose((fx, fy), (x / 360, y / 240), atol=0.004)
+        return box["width"]
+
+    fitted = on_image()
+    page.keys("+", "+")
+    assert on_image() > fitted * 1.5
+    page.driver.set_window_size(900, 700)
+    page.wait(lambda: page.js("return document.getElementById('view').clientWidth") < 700)
+    on_image()
+    page.keys("0")  # fit again, in the smaller window
+    assert on_image() < fitted
+
+
+def test_the_image_is_shown_as_the_camera_took_it(page, server, tmp_path):
+    """EXIF orientation 6: the stored 120x80 JPEG is shown 80x120, the frame of the points."""
+    stored = np.full((80, 120, 3), 200, np.uint8)
+    stored[:, :20] = 30  # a dark band on the stored image's left: on top once turned
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.fromarray(stored).save(buffer, "JPEG", quality=95, exif=exif)
+    jpeg = buffer.getvalue()
+    photo = tmp_path / "turned.jpg"
+    photo.write_bytes(jpeg)
+    page.driver.find_element("id", "file").send_keys(str(photo))  # the Open dialog's input
+    found = page.settled(MAX_OBJECTS)
+    size = page.js("return [seqops.width, seqops.height]")
+    assert size == [80, 120]
+    answer = httpx.post(f"{page.base}/predict", content=jpeg,
+                        headers={"content-type": "image/jpeg"}, timeout=30).json()  # fmt: skip
+    assert np.allclose(found, answer["points"], atol=0.01)
+    # The band is drawn on top: sample the rendered image through a canvas.
+    top, bottom = page.js(
+        """const img = document.getElementById('image');
+        const c = document.createElement('canvas'); c.width = 80; c.height = 120;
+        const g = c.getContext('2d'); g.drawImage(img, 0, 0);
+        return [g.getImageData(40, 5, 1, 1).data[0], g.getImageData(40, 100, 1, 1).data[0]];"""
+    )
+    assert top < 80 and bottom > 150
+
+
+def test_a_saved_folder_is_a_dataset_for_prepare(page, server, collected, tmp_path):
+    """The loop closed: what the page saved, ``seqops prepare`` reads as ``points``."""
+    if not (ROOT / "seqops" / "data" / "points.py").is_file():
+        pytest.skip("prepare.source: points is not in this tree yet (seqops/data/points.py)")
+    for seed in (3, 4):
+        page.drop(make_scene(200, 160, seed=seed), f"scene{seed}.png")
+        page.settled(MAX_OBJECTS)
+        before = page.js("return document.body.dataset.saved || ''")
+        page.driver.find_element("id", "save").click()
+        page.wait(lambda b=before: page.js("return document.body.dataset.saved") != b)
+    records = sorted(collected.glob("*.json"))
+    assert len(records) >= 2
+    out = tmp_path / "prepared"
+    command = [*seqops_command(), "prepare", "--params", str(ROOT / "params.yaml"),
+               "--set", "prepare.source=points", "--set", f"prepare.points.root={collected}",
+               "--out", str(out), "--json"]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    text = json.dumps(summary)
+    assert str(len(records)) in text, text[:2000]
+    print(f"prepare on {len(records)} saved records: {text[:500]}", file=sys.stderr)
