@@ -81,7 +81,7 @@ async function loadInfo() {
   }
   const { model, exemplars, collect } = state.info;
   $("model").textContent =
-    `model ${model.name} v${model.version} on ${model.provider}` +
+    `model ${model.name}, version ${model.version}, on ${model.provider}` +
     (exemplars ? " · counts what 1–3 exemplar boxes show" : "");
   $("exemplar-mode").hidden = !exemplars;
   $("save").hidden = !collect;
@@ -98,6 +98,7 @@ function openFile(file) {
   }
   stopCount();
   state.timings = { opened: performance.now() };
+  document.body.dataset.state = state.file ? "loading" : "empty";
   state.file = file;
   state.name = file.name || "pasted-image.png";
   const image = $("image");

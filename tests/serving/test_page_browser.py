@@ -101,6 +101,18 @@ class Page:
             base64.b64encode(data).decode(), name, mime,
         )  # fmt: skip
 
+    def paste(self, data: bytes, mime: str = "image/png") -> None:
+        """Paste an image, as Ctrl+V does with a copied picture (which has no file name)."""
+        self.js(
+            """const [b64, type] = arguments;
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const data = new DataTransfer();
+            data.items.add(new File([bytes], "image.png", {type}));
+            const init = {clipboardData: data, bubbles: true, cancelable: true};
+            document.dispatchEvent(new ClipboardEvent('paste', init));""",
+            base64.b64encode(data).decode(), mime,
+        )  # fmt: skip
+
     def state(self) -> str:
         return self.js("return document.body.dataset.state")
 
@@ -321,9 +333,9 @@ def test_count_correct_export_and_save(page, server, collected, downloads, tmp_p
     print(f"drop image -> final count: {drop_to_count_ms:.0f} ms (tiny test model)")
 
 
-def test_the_keyboard_alone_corrects_and_exports(page, server, downloads):
+def test_a_pasted_image_is_corrected_with_the_keyboard_alone(page, server, downloads):
     image = make_scene(300, 200, seed=1)
-    page.drop(image, "keys.png")
+    page.paste(image)
     found = page.settled(MAX_OBJECTS)
     view = page.driver.find_element("id", "view")
     assert page.driver.switch_to.active_element == view  # the image has the focus
@@ -342,7 +354,7 @@ def test_the_keyboard_alone_corrects_and_exports(page, server, downloads):
     added = page.settled(18)
     assert np.allclose(added[11], cursor, atol=0.01)
     page.chord(Keys.SHIFT, "c")  # export CSV
-    rows = list(csv.DictReader(wait_for_download(downloads, "keys.points.csv").open()))
+    rows = list(csv.DictReader(wait_for_download(downloads, "image.points.csv").open()))
     assert len(rows) == 18
 
 
@@ -418,3 +430,82 @@ def test_a_saved_folder_is_a_dataset_for_prepare(page, server, collected, tmp_pa
     text = json.dumps(summary)
     assert str(len(records)) in text, text[:2000]
     print(f"prepare on {len(records)} saved records: {text[:500]}", file=sys.stderr)
+
+
+def test_exemplar_boxes_are_drawn_before_the_count(driver, tmp_path):
+    """A model that counts what exemplar boxes show: the page asks for a box first, the box
+    is dragged on the image, and Enter counts with it (as /predict does with that box)."""
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
+
+    srv = Server(serve_model(exemplars=True), tmp_path / "server.log",
+                 "--max-objects", str(MAX_OBJECTS))  # fmt: skip
+    try:
+        srv.wait_ready()
+        page = Page(driver, srv.base)
+        page.open()
+        assert page.driver.find_element("id", "exemplar-mode").is_displayed()
+        assert not page.driver.find_element("id", "save").is_displayed()  # no --collect here
+        image = make_scene(360, 240, seed=5)
+        page.drop(image, "boxes.png")
+        page.wait(lambda: page.js("return seqops.exemplarMode"), what="exemplar mode")
+        assert page.js("return seqops.points.length") == 0  # nothing counted without a box
+        (x1, y1), (x2, y2) = page.screen_of(40, 50), page.screen_of(90, 100)
+        actions = ActionBuilder(page.driver)
+        pointer = actions.pointer_action
+        pointer.move_to_location(round(x1), round(y1)).pointer_down()
+        pointer.move_to_location(round((x1 + x2) / 2), round((y1 + y2) / 2))
+        pointer.move_to_location(round(x2), round(y2)).pointer_up()
+        actions.perform()
+        boxes = page.wait(lambda: page.js("return seqops.boxes"), what="a box")
+        assert np.allclose(boxes, [[40, 50, 90, 100]], atol=0.6)
+        page.keys(Keys.ENTER)
+        found = page.settled(MAX_OBJECTS)
+        exemplars = {"exemplars": json.dumps(boxes)}
+        answer = httpx.post(f"{srv.base}/predict", params=exemplars, content=image,
+                            headers={"content-type": "image/png"}).json()  # fmt: skip
+        assert np.allclose(found, answer["points"], atol=0.01)
+    finally:
+        srv.stop()
+
+
+def _demo_model() -> Path | None:
+    """The model ``make demo`` exported (or the one SEQOPS_PAGE_MODEL names)."""
+    given = os.environ.get("SEQOPS_PAGE_MODEL")
+    model_dir = Path(given) if given else ROOT / "models" / "onnx"
+    return model_dir if (model_dir / "model.json").is_file() else None
+
+
+@pytest.mark.slow
+def test_drop_to_final_count_on_the_demo_model(driver, tmp_path):
+    """The time from dropping examples/scene.png to its final count, on a trained model: the
+    page's own clock (performance.now at the drop, at the last record). Five drops, median."""
+    model_dir = _demo_model()
+    if model_dir is None:
+        pytest.skip("no trained model: `make demo` exports one to models/onnx")
+    srv = Server(model_dir, tmp_path / "server.log", "--collect", str(tmp_path / "collected"))
+    try:
+        srv.wait_ready()
+        page = Page(driver, srv.base)
+        page.open()
+        image = (ROOT / "examples" / "scene.png").read_bytes()
+        answer = httpx.post(f"{srv.base}/predict", content=image,
+                            headers={"content-type": "image/png"}, timeout=60).json()  # fmt: skip
+        times = []
+        for _ in range(5):
+            page.drop(image, "scene.png")
+            page.wait(lambda: page.js("return seqops.timings.firstDone > 0"), 60, "the count")
+            found = page.settled(answer["count"])
+            timings = page.js("return seqops.timings")
+            times.append(timings["firstDone"] - timings["opened"])
+        assert np.allclose(found, answer["points"], atol=0.01)
+        shown = page.js("return document.getElementById('confidence').textContent")
+        assert shown == f"{round(answer['count_confidence'] * 100)}%"
+        page.driver.save_screenshot(str(tmp_path / "demo.png"))
+        median = float(np.median(times))
+        print(
+            f"demo model: drop -> final count ({answer['count']} objects): median {median:.0f} ms,"
+            f" all {[round(t) for t in times]} ms; screenshot {tmp_path / 'demo.png'}"
+        )
+        assert median < 10_000
+    finally:
+        srv.stop()
