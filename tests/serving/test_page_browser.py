@@ -509,3 +509,28 @@ def test_drop_to_final_count_on_the_demo_model(driver, tmp_path):
         assert median < 10_000
     finally:
         srv.stop()
+
+
+def test_the_page_asks_for_the_api_key_and_saves_with_it(driver, tmp_path, monkeypatch):
+    monkeypatch.setenv("SEQOPS_PAGE_KEY", "s3cret")  # the server process inherits it
+    collected = tmp_path / "collected"
+    srv = Server(serve_model(), tmp_path / "server.log", "--api-key-env", "SEQOPS_PAGE_KEY",
+                 "--collect", str(collected), "--max-objects", str(MAX_OBJECTS))  # fmt: skip
+    try:
+        srv.wait_ready()
+        page = Page(driver, srv.base)
+        driver.get(srv.base + "/")
+        key = page.wait(lambda: driver.find_element("id", "key").is_displayed() and
+                        driver.find_element("id", "key"), what="the key field")  # fmt: skip
+        assert driver.switch_to.active_element == key
+        key.send_keys("s3cret", Keys.ENTER)
+        page.wait(lambda: page.js("return document.body.dataset.ready === 'true'"), what="/info")
+        assert not key.is_displayed()
+        page.drop(make_scene(200, 160, seed=6), "keyed.png")
+        found = page.settled(MAX_OBJECTS)
+        driver.find_element("id", "save").click()
+        record_id = page.wait(lambda: page.js("return document.body.dataset.saved"), what="save")
+        record = json.loads((collected / f"{record_id}.json").read_text())
+        assert np.allclose([s["points"][0] for s in record["shapes"]], found, atol=1e-9)
+    finally:
+        srv.stop()
