@@ -1,11 +1,12 @@
-"""The counting page at ``/`` in a real browser: Debian's headless Chromium, driven through
-its WebDriver (``chromedriver``) by Selenium, against a real ``seqops serve --collect DIR``.
+"""The counting page at ``/`` in real browsers: Debian's headless Chromium (Selenium and
+chromedriver) and Firefox ESR (WebDriver BiDi), against a real ``seqops serve --collect DIR``.
 
 What a person does: drop an image, watch the count reach the model's answer (the same as
 ``/predict`` gives), remove a point and add one and see the model continue (the same as
 ``/predict/stream`` gives from those points), undo and redo, correct with the keyboard alone,
 zoom, resize the window, export CSV and JSON, save to the dataset and read the folder back
-with ``seqops prepare``. ``scripts/browser.sh install`` puts Chromium on the machine (apt).
+with ``seqops prepare``. ``scripts/browser.sh install`` puts both browsers on the machine (apt);
+``browsers.py`` drives them.
 
 The served model is the tiny test one whose done never fires: ``--max-objects`` sets every
 count, so each step of the story has an exact expected answer.
@@ -13,12 +14,10 @@ count, so each step of the story has an exact expected answer.
 
 from __future__ import annotations
 
-import base64
 import csv
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from browsers import BROWSERS, Page, browser_paths, open_browser
 from PIL import Image, ImageDraw
 from selenium.webdriver.common.keys import Keys
 from serve_fixtures import Server, png_pixels, seqops_command, serve_model
@@ -34,22 +34,8 @@ from serve_fixtures import Server, png_pixels, seqops_command, serve_model
 pytestmark = [pytest.mark.e2e]
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "scripts" / "browser.sh"
 MAX_OBJECTS = 6  # the server's loop guard: the model's answer for every fresh count
 WINDOW = (1280, 860)
-
-
-def _browser_paths() -> tuple[str, str]:
-    """Chromium and chromedriver, installed by the project's script when missing."""
-    if shutil.which("chromium") is None or shutil.which("chromedriver") is None:
-        if os.geteuid() != 0:
-            pytest.skip("installing Chromium (scripts/browser.sh install) needs root and apt-get")
-        proc = subprocess.run([str(SCRIPT), "install"], capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, f"browser.sh install:\n{proc.stdout}{proc.stderr}"
-    proc = subprocess.run([str(SCRIPT), "paths"], capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 0, proc.stderr
-    browser, driver = proc.stdout.split()
-    return browser, driver
 
 
 def make_scene(width: int, height: int, seed: int = 0) -> bytes:
@@ -65,113 +51,6 @@ def make_scene(width: int, height: int, seed: int = 0) -> bytes:
     return buffer.getvalue()
 
 
-class Page:
-    """The page in one Chromium window, with the moves a person makes."""
-
-    def __init__(self, driver, base: str) -> None:
-        self.driver = driver
-        self.base = base
-
-    def js(self, script: str, *args):
-        return self.driver.execute_script(script, *args)
-
-    def wait(self, condition, timeout: float = 30.0, what: str = "condition"):
-        stop_at = time.monotonic() + timeout
-        while time.monotonic() < stop_at:
-            value = condition()
-            if value:
-                return value
-            time.sleep(0.02)
-        status = self.js("return document.getElementById('status').textContent")
-        raise AssertionError(f"timed out waiting for {what}; the page says: {status}")
-
-    def open(self) -> None:
-        self.driver.get(self.base + "/")
-        self.wait(lambda: self.js("return document.body.dataset.ready === 'true'"), what="/info")
-
-    def drop(self, data: bytes, name: str, mime: str = "image/png") -> None:
-        """Drop a file on the image area, as a drag from the desktop does."""
-        self.js(
-            """const [b64, name, type] = arguments;
-            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
-            const data = new DataTransfer();
-            data.items.add(new File([bytes], name, {type}));
-            document.getElementById('view').dispatchEvent(
-              new DragEvent('drop', {dataTransfer: data, bubbles: true, cancelable: true}));""",
-            base64.b64encode(data).decode(), name, mime,
-        )  # fmt: skip
-
-    def paste(self, data: bytes, mime: str = "image/png") -> None:
-        """Paste an image, as Ctrl+V does with a copied picture (which has no file name)."""
-        self.js(
-            """const [b64, type] = arguments;
-            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
-            const data = new DataTransfer();
-            data.items.add(new File([bytes], "image.png", {type}));
-            const init = {clipboardData: data, bubbles: true, cancelable: true};
-            document.dispatchEvent(new ClipboardEvent('paste', init));""",
-            base64.b64encode(data).decode(), mime,
-        )  # fmt: skip
-
-    def state(self) -> str:
-        return self.js("return document.body.dataset.state")
-
-    def settled(self, count: int, timeout: float = 30.0) -> list[list[float]]:
-        """Wait until a count has finished with ``count`` points; the points."""
-
-        def done():
-            return self.state() == "done" and self.js("return seqops.points.length") == count
-
-        self.wait(done, timeout, f"a finished count of {count}")
-        return self.points()
-
-    def points(self) -> list[list[float]]:
-        return self.js("return seqops.points.map((p) => [p.x, p.y])")
-
-    def screen_of(self, x: float, y: float) -> tuple[int, int]:
-        """Where image pixel (x, y) is in the window (CSS px)."""
-        return tuple(
-            self.js(
-                """const r = document.getElementById('view').getBoundingClientRect();
-                const v = seqops.view;
-                const [x, y] = arguments;
-                return [r.left + x * v.scale + v.x, r.top + y * v.scale + v.y];""",
-                x, y,
-            )
-        )  # fmt: skip
-
-    def click_image(self, x: float, y: float) -> None:
-        from selenium.webdriver.common.actions.action_builder import ActionBuilder
-
-        sx, sy = self.screen_of(x, y)
-        actions = ActionBuilder(self.driver)
-        actions.pointer_action.move_to_location(round(sx), round(sy)).click()
-        actions.perform()
-
-    def keys(self, *keys: str) -> None:
-        from selenium.webdriver.common.action_chains import ActionChains
-
-        chain = ActionChains(self.driver)
-        for key in keys:
-            chain.send_keys(key)
-        chain.perform()
-
-    def chord(self, modifier: str, key: str) -> None:
-        """``key`` with ``modifier`` held (``Keys.CONTROL``, ``Keys.SHIFT``)."""
-        from selenium.webdriver.common.action_chains import ActionChains
-
-        ActionChains(self.driver).key_down(modifier).send_keys(key).key_up(modifier).perform()
-
-    def mark_centres(self) -> list[tuple[float, float]]:
-        """The drawn marks' centres on screen, in order."""
-        return self.js(
-            """return [...document.querySelectorAll('#marks circle')].map((c) => {
-                const r = c.getBoundingClientRect();
-                return [r.left + r.width / 2, r.top + r.height / 2];
-            });"""
-        )
-
-
 def stream_from(base: str, image: bytes, points: list, max_objects: int) -> list[list[float]]:
     """What ``/predict/stream`` finds after ``points``: the expected continuation."""
     files = {"file": ("a.png", image, "image/png")}
@@ -184,8 +63,11 @@ def stream_from(base: str, image: bytes, points: list, max_objects: int) -> list
 
 
 @pytest.fixture(scope="module")
-def browser_paths():
-    return _browser_paths()
+def paths():
+    try:
+        return browser_paths()
+    except PermissionError as exc:
+        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="module")
@@ -207,52 +89,34 @@ def server(collected, tmp_path_factory):
         srv.stop()
 
 
-@pytest.fixture(scope="module")
-def downloads(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("downloads")
-
-
-@pytest.fixture(scope="module")
-def driver(browser_paths, downloads):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    browser, chromedriver = browser_paths
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-dev-shm-usage",
-        "--disable-gpu",
-        f"--window-size={WINDOW[0]},{WINDOW[1]}",
-        "--force-device-scale-factor=1",
-    ):
-        options.add_argument(flag)  # fmt: skip
-    options.add_experimental_option(
-        "prefs",
-        {"download.default_directory": str(downloads), "download.prompt_for_download": False},
-    )
-    chrome = webdriver.Chrome(service=Service(chromedriver), options=options)
+@pytest.fixture(scope="module", params=BROWSERS)
+def browser(request, paths, tmp_path_factory):
+    """One browser of each kind for the module; its downloads go to ``browser.downloads``."""
+    downloads = tmp_path_factory.mktemp(f"downloads-{request.param}")
+    opened = open_browser(request.param, paths, downloads, WINDOW)
+    opened.downloads = downloads
     try:
-        yield chrome
+        yield opened
     finally:
-        chrome.quit()
+        opened.close()
 
 
 @pytest.fixture
-def page(driver, server):
-    driver.set_window_size(*WINDOW)
-    page = Page(driver, server.base)
+def page(browser, server):
+    browser.set_size(*WINDOW)
+    page = Page(browser, server.base)
     page.open()
     return page
 
 
-def wait_for_download(folder: Path, name: str, timeout: float = 15.0) -> Path:
+def downloaded(page: Page, name: str, timeout: float = 15.0) -> Path:
+    """The file the page's export saved in the browser's download folder."""
+    folder = page.browser.downloads
     path = folder / name
     stop_at = time.monotonic() + timeout
     while time.monotonic() < stop_at:
-        if path.is_file() and not list(folder.glob("*.crdownload")):
+        partial = [*folder.glob("*.crdownload"), *folder.glob("*.part")]
+        if path.is_file() and path.stat().st_size and not partial:
             return path
         time.sleep(0.05)
     raise AssertionError(f"{name} was not downloaded; {folder} holds {os.listdir(folder)}")
@@ -261,7 +125,7 @@ def wait_for_download(folder: Path, name: str, timeout: float = 15.0) -> Path:
 # --- the story ------------------------------------------------------------------------------
 
 
-def test_count_correct_export_and_save(page, server, collected, downloads, tmp_path):
+def test_count_correct_export_and_save(page, server, collected, tmp_path):
     image = make_scene(360, 240)
     page.drop(image, "cells.png")
     found = page.settled(MAX_OBJECTS)
@@ -276,7 +140,7 @@ def test_count_correct_export_and_save(page, server, collected, downloads, tmp_p
     # The marks are drawn where the points are: numbered, on the image.
     for (sx, sy), (x, y) in zip(page.mark_centres(), found, strict=True):
         assert np.allclose((sx, sy), page.screen_of(x, y), atol=1.0)
-    page.driver.save_screenshot(str(tmp_path / "counted.png"))
+    page.browser.screenshot(tmp_path / "counted.png")
 
     # Remove the third point: the model continues from the five left (guard: 5 + 6).
     page.click_image(*found[2])
@@ -309,17 +173,17 @@ def test_count_correct_export_and_save(page, server, collected, downloads, tmp_p
     final = page.points()
 
     # Export: the files hold the points in the image's own pixels.
-    page.driver.find_element("id", "export-csv").click()
-    page.driver.find_element("id", "export-json").click()
-    rows = list(csv.DictReader(wait_for_download(downloads, "cells.points.csv").open()))
+    page.click("export-csv")
+    page.click("export-json")
+    rows = list(csv.DictReader(downloaded(page, "cells.points.csv").open()))
     assert [r["image"] for r in rows] == ["cells.png"] * 18
     assert np.allclose([[float(r["x"]), float(r["y"])] for r in rows], final, atol=1e-9)
-    exported = json.loads(wait_for_download(downloads, "cells.points.json").read_text())
+    exported = json.loads(downloaded(page, "cells.points.json").read_text())
     assert (exported["width"], exported["height"], exported["count"]) == (360, 240, 18)
     assert np.allclose(exported["points"], final, atol=1e-9)
 
     # Save to the dataset: one LabelMe record, the image's pixels beside it.
-    page.driver.find_element("id", "save").click()
+    page.click("save")
     record_id = page.wait(lambda: page.js("return document.body.dataset.saved"), what="save")
     record = json.loads((collected / f"{record_id}.json").read_text())
     assert record["imagePath"] == f"{record_id}.png" and record["imageData"] is None
@@ -328,17 +192,19 @@ def test_count_correct_export_and_save(page, server, collected, downloads, tmp_p
     assert np.allclose([s["points"][0] for s in record["shapes"]], final, atol=1e-9)
     saved = png_pixels((collected / f"{record_id}.png").read_bytes())
     assert np.array_equal(saved, png_pixels(image))
-    page.driver.save_screenshot(str(tmp_path / "saved.png"))
+    page.browser.screenshot(tmp_path / "saved.png")
     (tmp_path / "timing.json").write_text(json.dumps({"drop_to_count_ms": drop_to_count_ms}))
     print(f"drop image -> final count: {drop_to_count_ms:.0f} ms (tiny test model)")
 
 
-def test_a_pasted_image_is_corrected_with_the_keyboard_alone(page, server, downloads):
+def test_a_pasted_image_is_corrected_with_the_keyboard_alone(page, server):
     image = make_scene(300, 200, seed=1)
-    page.paste(image)
+    if page.browser.name == "firefox":  # a script-made paste event carries no files there
+        page.drop(image, "image.png")
+    else:
+        page.paste(image)
     found = page.settled(MAX_OBJECTS)
-    view = page.driver.find_element("id", "view")
-    assert page.driver.switch_to.active_element == view  # the image has the focus
+    assert page.focused() == "view"  # the image has the focus
     page.keys("]", "]", Keys.DELETE)  # select point 2, remove it
     kept = [found[0], *found[2:]]
     continued = page.settled(11)
@@ -354,7 +220,7 @@ def test_a_pasted_image_is_corrected_with_the_keyboard_alone(page, server, downl
     added = page.settled(18)
     assert np.allclose(added[11], cursor, atol=0.01)
     page.chord(Keys.SHIFT, "c")  # export CSV
-    rows = list(csv.DictReader(wait_for_download(downloads, "image.points.csv").open()))
+    rows = list(csv.DictReader(downloaded(page, "image.points.csv").open()))
     assert len(rows) == 18
 
 
@@ -373,7 +239,7 @@ def test_points_stay_on_their_objects_through_zoom_and_resize(page, server):
     fitted = on_image()
     page.keys("+", "+")
     assert on_image() > fitted * 1.5
-    page.driver.set_window_size(900, 700)
+    page.browser.set_size(900, 700)
     page.wait(lambda: page.js("return document.getElementById('view').clientWidth") < 700)
     on_image()
     page.keys("0")  # fit again, in the smaller window
@@ -391,7 +257,7 @@ def test_the_image_is_shown_as_the_camera_took_it(page, server, tmp_path):
     jpeg = buffer.getvalue()
     photo = tmp_path / "turned.jpg"
     photo.write_bytes(jpeg)
-    page.driver.find_element("id", "file").send_keys(str(photo))  # the Open dialog's input
+    page.browser.set_files("file", photo)  # the Open dialog's input
     found = page.settled(MAX_OBJECTS)
     size = page.js("return [seqops.width, seqops.height]")
     assert size == [80, 120]
@@ -416,7 +282,7 @@ def test_a_saved_folder_is_a_dataset_for_prepare(page, server, collected, tmp_pa
         page.drop(make_scene(200, 160, seed=seed), f"scene{seed}.png")
         page.settled(MAX_OBJECTS)
         before = page.js("return document.body.dataset.saved || ''")
-        page.driver.find_element("id", "save").click()
+        page.click("save")
         page.wait(lambda b=before: page.js("return document.body.dataset.saved") != b)
     records = sorted(collected.glob("*.json"))
     assert len(records) >= 2
@@ -432,30 +298,23 @@ def test_a_saved_folder_is_a_dataset_for_prepare(page, server, collected, tmp_pa
     print(f"prepare on {len(records)} saved records: {text[:500]}", file=sys.stderr)
 
 
-def test_exemplar_boxes_are_drawn_before_the_count(driver, tmp_path):
+def test_exemplar_boxes_are_drawn_before_the_count(browser, tmp_path):
     """A model that counts what exemplar boxes show: the page asks for a box first, the box
     is dragged on the image, and Enter counts with it (as /predict does with that box)."""
-    from selenium.webdriver.common.actions.action_builder import ActionBuilder
-
     srv = Server(serve_model(exemplars=True), tmp_path / "server.log",
                  "--max-objects", str(MAX_OBJECTS))  # fmt: skip
     try:
         srv.wait_ready()
-        page = Page(driver, srv.base)
+        browser.set_size(*WINDOW)
+        page = Page(browser, srv.base)
         page.open()
-        assert page.driver.find_element("id", "exemplar-mode").is_displayed()
-        assert not page.driver.find_element("id", "save").is_displayed()  # no --collect here
+        assert page.shown("exemplar-mode")
+        assert not page.shown("save")  # no --collect here
         image = make_scene(360, 240, seed=5)
         page.drop(image, "boxes.png")
         page.wait(lambda: page.js("return seqops.exemplarMode"), what="exemplar mode")
         assert page.js("return seqops.points.length") == 0  # nothing counted without a box
-        (x1, y1), (x2, y2) = page.screen_of(40, 50), page.screen_of(90, 100)
-        actions = ActionBuilder(page.driver)
-        pointer = actions.pointer_action
-        pointer.move_to_location(round(x1), round(y1)).pointer_down()
-        pointer.move_to_location(round((x1 + x2) / 2), round((y1 + y2) / 2))
-        pointer.move_to_location(round(x2), round(y2)).pointer_up()
-        actions.perform()
+        page.drag_image((40, 50), (90, 100))
         boxes = page.wait(lambda: page.js("return seqops.boxes"), what="a box")
         assert np.allclose(boxes, [[40, 50, 90, 100]], atol=0.6)
         page.keys(Keys.ENTER)
@@ -476,7 +335,7 @@ def _demo_model() -> Path | None:
 
 
 @pytest.mark.slow
-def test_drop_to_final_count_on_the_demo_model(driver, tmp_path):
+def test_drop_to_final_count_on_the_demo_model(browser, tmp_path):
     """The time from dropping examples/scene.png to its final count, on a trained model: the
     page's own clock (performance.now at the drop, at the last record). Five drops, median."""
     model_dir = _demo_model()
@@ -485,7 +344,8 @@ def test_drop_to_final_count_on_the_demo_model(driver, tmp_path):
     srv = Server(model_dir, tmp_path / "server.log", "--collect", str(tmp_path / "collected"))
     try:
         srv.wait_ready()
-        page = Page(driver, srv.base)
+        browser.set_size(*WINDOW)
+        page = Page(browser, srv.base)
         page.open()
         image = (ROOT / "examples" / "scene.png").read_bytes()
         answer = httpx.post(f"{srv.base}/predict", content=image,
@@ -500,10 +360,11 @@ def test_drop_to_final_count_on_the_demo_model(driver, tmp_path):
         assert np.allclose(found, answer["points"], atol=0.01)
         shown = page.js("return document.getElementById('confidence').textContent")
         assert shown == f"{round(answer['count_confidence'] * 100)}%"
-        page.driver.save_screenshot(str(tmp_path / "demo.png"))
+        browser.screenshot(tmp_path / "demo.png")
         median = float(np.median(times))
         print(
-            f"demo model: drop -> final count ({answer['count']} objects): median {median:.0f} ms,"
+            f"{browser.name}, demo model: drop -> final count ({answer['count']} objects):"
+            f" median {median:.0f} ms,"
             f" all {[round(t) for t in times]} ms; screenshot {tmp_path / 'demo.png'}"
         )
         assert median < 10_000
@@ -511,24 +372,24 @@ def test_drop_to_final_count_on_the_demo_model(driver, tmp_path):
         srv.stop()
 
 
-def test_the_page_asks_for_the_api_key_and_saves_with_it(driver, tmp_path, monkeypatch):
+def test_the_page_asks_for_the_api_key_and_saves_with_it(browser, tmp_path, monkeypatch):
     monkeypatch.setenv("SEQOPS_PAGE_KEY", "s3cret")  # the server process inherits it
     collected = tmp_path / "collected"
     srv = Server(serve_model(), tmp_path / "server.log", "--api-key-env", "SEQOPS_PAGE_KEY",
                  "--collect", str(collected), "--max-objects", str(MAX_OBJECTS))  # fmt: skip
     try:
         srv.wait_ready()
-        page = Page(driver, srv.base)
-        driver.get(srv.base + "/")
-        key = page.wait(lambda: driver.find_element("id", "key").is_displayed() and
-                        driver.find_element("id", "key"), what="the key field")  # fmt: skip
-        assert driver.switch_to.active_element == key
-        key.send_keys("s3cret", Keys.ENTER)
+        browser.set_size(*WINDOW)
+        page = Page(browser, srv.base)
+        page.load()
+        page.wait(lambda: page.shown("key"), what="the key field")
+        assert page.focused() == "key"
+        page.keys(*"s3cret", Keys.ENTER)
         page.wait(lambda: page.js("return document.body.dataset.ready === 'true'"), what="/info")
-        assert not key.is_displayed()
+        assert not page.shown("key")
         page.drop(make_scene(200, 160, seed=6), "keyed.png")
         found = page.settled(MAX_OBJECTS)
-        driver.find_element("id", "save").click()
+        page.click("save")
         record_id = page.wait(lambda: page.js("return document.body.dataset.saved"), what="save")
         record = json.loads((collected / f"{record_id}.json").read_text())
         assert np.allclose([s["points"][0] for s in record["shapes"]], found, atol=1e-9)
