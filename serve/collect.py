@@ -22,6 +22,7 @@ import errno
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import tempfile
@@ -37,6 +38,7 @@ from serve.schemas import CollectJSON, CollectOptions, CollectResponse
 from serve.service import ServeError
 from serve.settings import MIB
 
+log = logging.getLogger(__name__)
 LABELME_VERSION = "5.0.1"
 LABEL = "object"
 ID_HEX_DIGITS = 20  # 80 bits: no two images of one folder share a name by chance
@@ -118,6 +120,8 @@ class Collector:
                 if not had_png:  # no record without its JSON: leave the folder as it was
                     png_path.unlink(missing_ok=True)
                 raise
+        verb = "replaced" if replaced else "saved"
+        log.info("collect: %s %s.json (%d points)", verb, name, len(points))
         return {"id": name, "count": len(points), "path": json_path.name, "replaced": replaced}
 
     def folder_bytes(self) -> int:
