@@ -8,9 +8,11 @@ the problem and leaves the folder byte for byte as it was.
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -266,3 +268,21 @@ def test_a_stream_refuses_given_points_it_cannot_continue_from(client):
     assert full.status_code == 422 and "5 given, max_objects is 5" in full.text
     over, _ = stream(client, [[1, 1]] * 9, max_objects=8)
     assert over.status_code == 422
+
+
+def test_a_failed_write_leaves_no_half_record(client, folder, monkeypatch):
+    """The disk fills between the PNG and the JSON: the new PNG goes again, the folder is
+    as it was, and the answer says which file could not be written."""
+    assert save(client, make_png(40, 40, seed=3), [[1, 1]]).status_code == 201
+    before = snapshot(folder)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith(".json"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_replace(src, dst)
+
+    monkeypatch.setattr("serve.collect.os.replace", replace)
+    response = save(client, PNG, [[1, 1]])
+    assert response.status_code == 507 and ".json (No space left on device)" in response.text
+    assert snapshot(folder) == before
