@@ -125,10 +125,22 @@ def downloaded(page: Page, name: str, timeout: float = 15.0) -> Path:
 # --- the story ------------------------------------------------------------------------------
 
 
+def layout(page: Page) -> list:
+    """Where the page's regions and their buttons are: nothing may move while points come."""
+    return page.js(
+        """return [...document.querySelectorAll('header, nav, nav button, #view, aside, aside p')]
+            .filter((e) => e.offsetParent !== null)
+            .map((e) => e.getBoundingClientRect())
+            .map((r) => [r.x, r.y, r.width, r.height]);"""
+    )
+
+
 def test_count_correct_export_and_save(page, server, collected, tmp_path):
     image = make_scene(360, 240)
+    before = layout(page)
     page.drop(image, "cells.png")
     found = page.settled(MAX_OBJECTS)
+    assert layout(page) == before  # no layout jump from the points, the count, the status
     timings = page.js("return seqops.timings")
     drop_to_count_ms = timings["firstDone"] - timings["opened"]
     answer = httpx.post(f"{server.base}/predict", content=image,
