@@ -304,10 +304,14 @@ def test_a_saved_folder_is_a_dataset_for_prepare(page, server, collected, tmp_pa
                "--out", str(out), "--json"]  # fmt: skip
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = json.loads(proc.stdout)
-    text = json.dumps(summary)
-    assert str(len(records)) in text, text[:2000]
-    print(f"prepare on {len(records)} saved records: {text[:500]}", file=sys.stderr)
+    stats = json.loads(proc.stdout)
+    assert stats["source"] == "points", stats
+    assert stats["skipped_total"] == 0, stats  # every saved record reads
+    objects = [len(json.loads(r.read_text())["shapes"]) for r in records]
+    filtered = sum(stats.get("filtered", {}).values())
+    assert stats["images"] + filtered == len(records) and stats["images"] >= 2, stats
+    assert stats["objects"] <= sum(objects), stats
+    print(f"prepare on {len(records)} saved records: {json.dumps(stats)[:400]}", file=sys.stderr)
 
 
 def test_exemplar_boxes_are_drawn_before_the_count(browser, tmp_path):
