@@ -87,6 +87,7 @@ async function loadInfo() {
   $("save").hidden = !collect;
   document.body.dataset.ready = "true";
   refresh();
+  if (state.width && !state.undo.length && !exemplars) count(); // an image opened meanwhile
 }
 
 // --- opening an image -------------------------------------------------------------------
@@ -98,7 +99,7 @@ function openFile(file) {
   }
   stopCount();
   state.timings = { opened: performance.now() };
-  document.body.dataset.state = state.file ? "loading" : "empty";
+  document.body.dataset.state = "loading";
   state.file = file;
   state.name = file.name || "pasted-image.png";
   const image = $("image");
