@@ -143,7 +143,7 @@ def test_wheel_holds_the_three_packages_the_license_and_the_version(wheel_path: 
     assert top_level == {"seqops", "serve", "flows"}
     for module in ("seqops/cli.py", "seqops/predictor.py", "serve/app.py", "flows/pipeline.py"):
         assert module in names
-    for asset in ("index.html", "app.js", "app.css"):  # the counting page at /
+    for asset in ("index.html", "app.js", "state.js", "view.js", "app.css"):  # the page at /
         assert f"serve/static/{asset}" in names
     assert f"{dist_info}/licenses/LICENSE" in names
 

@@ -1,38 +1,15 @@
 // The counting page: open an image, watch the model find objects one by one, correct it, let
 // it continue from the corrected points, export or save. It speaks only the public HTTP API:
 // GET /info, POST /predict/stream (NDJSON, with the points so far when continuing), POST
-// /collect. Points are kept in the pixels of the image as shown (EXIF orientation applied),
-// the frame the server answers in; the view only scales and moves them.
-"use strict";
+// /collect. state.js holds what the page knows, view.js draws it; this module reads the
+// person's moves and talks to the server.
 
-const $ = (id) => document.getElementById(id);
-const SVG = "http://www.w3.org/2000/svg";
-const MARK_PX = 7; // mark radius on screen, whatever the zoom
-const HIT_PX = 11; // a click this close to a point removes it
-const DRAG_PX = 4; // a press that moves further is a pan (or a box), not a click
-const KEY_STEP_PX = 4; // arrow keys move the cursor this far on screen (Shift: x8)
+import { $, DRAG_PX, HIT_PX, KEY_STEP_PX, state } from "./state.js";
+import {
+  addMark, applyView, drawAll, drawCursor, fitView, keepCursorInView, rect, toImage,
+  watchResize, zoomAt, zoomKey,
+} from "./view.js";
 
-const state = {
-  info: null, // GET /info
-  key: sessionStorage.getItem("seqops-key") || "",
-  file: null, // the Blob sent to the server
-  name: "", // a file name for exports
-  width: 0, // the image as shown (EXIF orientation applied), px
-  height: 0,
-  points: [], // [{x, y, by: "model" | "person"}]
-  boxes: [], // exemplar boxes [x1, y1, x2, y2]
-  confidence: null, // the last count's count_confidence (null after a correction)
-  stoppedBy: "",
-  undo: [],
-  redo: [],
-  running: null, // AbortController of the count in flight
-  view: { scale: 1, x: 0, y: 0, fit: true },
-  cursor: null, // keyboard cursor {x, y} in image px
-  selected: -1, // index of the selected point (keyboard)
-  boxStart: null, // first corner of an exemplar box being drawn
-  exemplarMode: false,
-  timings: {}, // performance.now() marks, read by the browser tests
-};
 window.seqops = state; // for the browser tests and the curious
 
 // --- the server -------------------------------------------------------------------------
@@ -334,147 +311,15 @@ function addBox(x1, y1, x2, y2) {
   render();
 }
 
-// --- the view: zoom, pan, resize --------------------------------------------------------
-
-function fitView() {
-  const rect = $("view").getBoundingClientRect();
-  if (!state.width || !rect.width) return;
-  const scale = Math.min(rect.width / state.width, rect.height / state.height) * 0.96;
-  state.view = {
-    scale,
-    x: (rect.width - state.width * scale) / 2,
-    y: (rect.height - state.height * scale) / 2,
-    fit: true,
-  };
-  applyView();
-}
-
-function zoomAt(factor, sx, sy) {
-  const v = state.view;
-  const scale = Math.max(0.02, Math.min(64, v.scale * factor));
-  const k = scale / v.scale;
-  state.view = { scale, x: sx - (sx - v.x) * k, y: sy - (sy - v.y) * k, fit: false };
-  applyView();
-}
-
-function zoomKey(factor) {
-  const c = state.cursor ? toScreen(state.cursor.x, state.cursor.y) : null;
-  const rect = $("view").getBoundingClientRect();
-  zoomAt(factor, c ? c.x : rect.width / 2, c ? c.y : rect.height / 2);
-}
-
-function panBy(dx, dy) {
-  state.view.x += dx;
-  state.view.y += dy;
-  state.view.fit = false;
-  applyView();
-}
-
-function applyView() {
-  const { scale, x, y } = state.view;
-  $("stage").style.transform = `translate(${x}px, ${y}px) scale(${scale})`;
-  // Marks keep their size on screen: their radius and text are in image pixels.
-  const marks = $("marks");
-  marks.setAttribute("font-size", String(12 / scale));
-  marks.setAttribute("stroke-width", String(1.5 / scale));
-  for (const circle of marks.querySelectorAll("circle")) circle.setAttribute("r", String(MARK_PX / scale));
-  for (const text of marks.querySelectorAll("text")) placeLabel(text);
-  $("boxes").setAttribute("stroke-width", String(2 / scale));
-  drawCursor();
-}
-
-function toImage(clientX, clientY) {
-  const rect = $("view").getBoundingClientRect();
-  const { scale, x, y } = state.view;
-  return { x: (clientX - rect.left - x) / scale, y: (clientY - rect.top - y) / scale };
-}
-
-function toScreen(ix, iy) {
-  const { scale, x, y } = state.view;
-  return { x: ix * scale + x, y: iy * scale + y };
-}
-
-function keepCursorInView() {
-  const rect = $("view").getBoundingClientRect();
-  const p = toScreen(state.cursor.x, state.cursor.y);
-  const margin = 30;
-  let dx = 0;
-  let dy = 0;
-  if (p.x < margin) dx = margin - p.x;
-  if (p.x > rect.width - margin) dx = rect.width - margin - p.x;
-  if (p.y < margin) dy = margin - p.y;
-  if (p.y > rect.height - margin) dy = rect.height - margin - p.y;
-  if (dx || dy) panBy(dx, dy);
-}
-
-// When the window changes size the view keeps what it showed: fitted stays fitted, otherwise
-// the image point at the centre stays at the centre. Marks live in image pixels, on the image.
-let lastSize = null;
-new ResizeObserver(() => {
-  const rect = $("view").getBoundingClientRect();
-  if (state.view.fit) fitView();
-  else if (lastSize) panBy((rect.width - lastSize.width) / 2, (rect.height - lastSize.height) / 2);
-  lastSize = { width: rect.width, height: rect.height };
-}).observe($("view"));
-
-// --- drawing ----------------------------------------------------------------------------
+// --- the page's text and buttons -------------------------------------------------------
 
 function render() {
-  const marks = $("marks");
-  marks.replaceChildren();
-  state.points.forEach((_, i) => addMark(i));
-  const boxes = $("boxes");
-  boxes.replaceChildren();
-  for (const [x1, y1, x2, y2] of state.boxes) boxes.append(rect(x1, y1, x2, y2));
+  drawAll();
   $("count-value").textContent = state.file ? String(state.points.length) : "–";
   const c = state.confidence;
   $("confidence").textContent = c === null || c === undefined ? "–" : `${Math.round(c * 100)}%`;
   document.body.dataset.count = String(state.points.length);
-  applyView();
   refresh();
-}
-
-function addMark(i) {
-  const p = state.points[i];
-  const circle = document.createElementNS(SVG, "circle");
-  circle.setAttribute("cx", p.x);
-  circle.setAttribute("cy", p.y);
-  circle.setAttribute("r", String(MARK_PX / state.view.scale));
-  if (p.by === "person") circle.classList.add("person");
-  if (i === state.selected) circle.classList.add("selected");
-  const text = document.createElementNS(SVG, "text");
-  text.textContent = String(i + 1);
-  text.dataset.x = p.x;
-  text.dataset.y = p.y;
-  placeLabel(text);
-  $("marks").append(circle, text);
-}
-
-function placeLabel(text) {
-  const offset = (MARK_PX + 2) / state.view.scale;
-  text.setAttribute("x", String(Number(text.dataset.x) + offset));
-  text.setAttribute("y", String(Number(text.dataset.y) - offset));
-}
-
-function rect(x1, y1, x2, y2, drawing = false) {
-  const r = document.createElementNS(SVG, "rect");
-  r.setAttribute("x", Math.min(x1, x2));
-  r.setAttribute("y", Math.min(y1, y2));
-  r.setAttribute("width", Math.abs(x2 - x1));
-  r.setAttribute("height", Math.abs(y2 - y1));
-  if (drawing) r.classList.add("drawing");
-  return r;
-}
-
-function drawCursor() {
-  const g = $("cursor");
-  g.hidden = !state.cursor || !state.keyboard;
-  if (g.hidden) return;
-  const { x, y } = state.cursor;
-  const arm = 14 / state.view.scale;
-  const set = (el, a) => Object.entries(a).forEach(([k, v]) => el.setAttribute(k, v));
-  set($("cursor-h"), { x1: x - arm, x2: x + arm, y1: y, y2: y, "stroke-width": 1.5 / state.view.scale });
-  set($("cursor-v"), { x1: x, x2: x, y1: y - arm, y2: y + arm, "stroke-width": 1.5 / state.view.scale });
 }
 
 function say(message, kind) {
@@ -719,4 +564,5 @@ $("key-form").addEventListener("submit", (e) => {
   loadInfo();
 });
 
+watchResize();
 loadInfo();

@@ -233,6 +233,9 @@ def test_the_page_and_its_assets_are_served_from_the_package(client):
         assert asset in page.text
         assert client.get(asset).status_code == 200
     assert "http://" not in page.text and "https://" not in page.text  # nothing from a CDN
+    for module in ("/page/state.js", "/page/view.js"):  # app.js's imports (ES modules)
+        answer = client.get(module)
+        assert answer.status_code == 200 and "javascript" in answer.headers["content-type"]
 
 
 def stream(client, points=None, **params):
