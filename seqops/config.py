@@ -100,6 +100,7 @@ class ModelConfig(_Section):
     order_prior: Literal["none", "scan"]
     count_head: bool  # a map of the objects left, whose sum the done head sees
     count_prior: bool  # the count head's density added to the heat map (needs count_head)
+    done_peak: bool  # done also sees the scan's largest unmarked-object logit (needs scan)
 
 
 class LossConfig(_Section):

@@ -117,6 +117,10 @@ class ModelSpec:
     # next point lands where the density sees an unmarked object (a detector's recall in
     # clusters, the step choosing among its proposals in order).
     count_prior: bool = False
+    # The done head also sees the largest logit of the scan's unmarked-object map: "is any
+    # object left anywhere", which does not depend on how many there were (the pooled means
+    # alone learnt the training counts' range and fired at ~50 on scenes of 100).
+    done_peak: bool = False
 
     def __post_init__(self) -> None:
         def fail(field: str, why: str) -> None:
@@ -144,6 +148,8 @@ class ModelSpec:
             fail("head", f"must be one of {HEADS}")
         if self.count_prior and not self.count_head:
             fail("count_prior", "needs count_head (the density it adds to the heat map)")
+        if self.done_peak and self.order_prior != "scan":
+            fail("done_peak", "needs order_prior='scan' (the unmarked-object map it reads)")
         if self.order_prior not in ORDER_PRIORS:
             fail("order_prior", f"must be one of {ORDER_PRIORS}")
         if self.order not in ORDERS:
@@ -218,6 +224,7 @@ def spec_from_params(params: Params) -> ModelSpec:
         order_prior=model.order_prior,
         count_head=model.count_head,
         count_prior=model.count_prior,
+        done_peak=model.done_peak,
         order=params.prepare.order,
         row_height=params.prepare.row_height,
     )
@@ -408,7 +415,8 @@ class _Step(nn.Module):
             self.left = nn.Conv2d(s, 1, 1)
             nn.init.normal_(self.left.weight, std=1e-3)
             nn.init.constant_(self.left.bias, _LEFT_PRIOR)
-        pooled_width = 2 * s + int(spec.count_head)
+        self.done_peak = spec.done_peak
+        pooled_width = 2 * s + int(spec.count_head) + int(spec.done_peak)
         self.done = nn.Sequential(
             nn.Linear(pooled_width, s), nn.ReLU(inplace=True), nn.Linear(s, 1)
         )
@@ -422,13 +430,17 @@ class _Step(nn.Module):
     def forward(self, features: Tensor, marks: Tensor) -> StepOutput:
         h = self.blocks(F.relu(features + self.mark_in(marks)))
         heat_logits = self._conv1(self.heat, h)
-        if self.order_prior == "scan":
-            heat_logits = heat_logits - self.scan_weight * self._mass_before(h)
         pooled = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
         done_in, left_map = pooled, None
+        if self.order_prior == "scan":
+            object_logits = self._conv1(self.objects, h)  # [B, g, g]
+            heat_logits = heat_logits - self.scan_weight * self._mass_before(object_logits)
+            if self.done_peak:
+                peak = object_logits.flatten(1).amax(dim=1, keepdim=True)
+                done_in = torch.cat([done_in, peak], dim=1)
         if self.count_head:
             left_map = F.softplus(self._conv1(self.left, h))
-            done_in = torch.cat([pooled, torch.log1p(left_map.sum(dim=(1, 2)))[:, None]], dim=1)
+            done_in = torch.cat([done_in, torch.log1p(left_map.sum(dim=(1, 2)))[:, None]], dim=1)
             if self.count_prior:
                 heat_logits = heat_logits + torch.log(left_map + _COUNT_PRIOR_FLOOR)
         done_logit = self.done(done_in).squeeze(1)
@@ -444,13 +456,14 @@ class _Step(nn.Module):
         ~6x faster on CPU than the convolution."""
         return (conv.weight.view(1, -1) @ h.flatten(2)).view(h.shape[0], *h.shape[2:]) + conv.bias
 
-    def _mass_before(self, h: Tensor) -> Tensor:
-        """``[B, g, g]``: the learned unmarked-object mass of the cells before each cell in
-        the order (an exclusive cumulative sum; exports as Gather + CumSum)."""
-        objects = torch.sigmoid(self.objects(h)).flatten(1)  # [B, g*g]
+    def _mass_before(self, object_logits: Tensor) -> Tensor:
+        """``[B, g, g]``: the learned unmarked-object mass (the sigmoid of ``object_logits``,
+        ``[B, g, g]``) of the cells before each cell in the order (an exclusive cumulative
+        sum; exports as Gather + CumSum)."""
+        objects = torch.sigmoid(object_logits).flatten(1)  # [B, g*g]
         ranked = objects.index_select(1, self.scan_order)
         before = torch.cumsum(ranked, dim=1) - ranked
-        return before.index_select(1, self.scan_inverse).view(h.shape[0], *h.shape[2:])
+        return before.index_select(1, self.scan_inverse).view(object_logits.shape)
 
 
 class SeqCounter(nn.Module):

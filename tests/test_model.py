@@ -203,7 +203,8 @@ def test_scan_prior_lowers_each_cell_by_the_object_mass_before_it() -> None:
     with torch.no_grad():
         stepper.objects.weight.zero_()
         stepper.objects.bias.fill_(30.0)  # every cell has mass 1: mass before = rank index
-        before = stepper._mass_before(torch.randn(2, spec.step_channels, spec.grid, spec.grid))
+        h = torch.randn(2, spec.step_channels, spec.grid, spec.grid)
+        before = stepper._mass_before(stepper._conv1(stepper.objects, h))
     index = (rank + 1.0) / 2.0 * (spec.grid**2 - 1)
     torch.testing.assert_close(before, index.expand(2, -1, -1))
     # One object at cell (2, 5) (mass 1, elsewhere 0): only cells after it in the order pay.
@@ -215,7 +216,7 @@ def test_scan_prior_lowers_each_cell_by_the_object_mass_before_it() -> None:
         stepper.objects.bias.zero_()
         h = torch.zeros(1, spec.step_channels, spec.grid, spec.grid)
         h[:, :1] = mass
-        before = stepper._mass_before(h)[0]
+        before = stepper._mass_before(stepper._conv1(stepper.objects, h))[0]
     torch.testing.assert_close(before, (rank > rank[2, 5]).float(), atol=1e-6, rtol=0)
 
 
@@ -314,13 +315,17 @@ def _export(module: torch.nn.Module, args: tuple, names: list[str], outs: list[s
 
 
 @pytest.mark.parametrize(
-    ("order_prior", "count_head"), [(prior, False) for prior in ORDER_PRIORS] + [("scan", True)]
+    ("order_prior", "count_head", "done_peak"),
+    [(prior, False, False) for prior in ORDER_PRIORS]
+    + [("scan", True, False), ("scan", False, True)],
 )
-def test_onnx_export_matches_torch(tmp_path, order_prior: str, count_head: bool) -> None:
+def test_onnx_export_matches_torch(
+    tmp_path, order_prior: str, count_head: bool, done_peak: bool
+) -> None:
     ort = pytest.importorskip("onnxruntime")
     model = _build(
         "tiny", 64, exemplars=True, order_prior=order_prior, count_head=count_head,
-        count_prior=count_head,
+        count_prior=count_head, done_peak=done_peak,
     )  # fmt: skip
     torch.manual_seed(1)
     # Non-trivial random weights: a peaked heat map and BN statistics that are not identity.

@@ -175,3 +175,18 @@ def test_the_count_head_feeds_the_done_decision():
     assert float(out.left_map.min()) > 0  # softplus: a density is never negative
     out.done_logit.sum().backward()
     assert float(model.stepper.left.weight.grad.abs().sum()) > 0
+
+
+def test_done_sees_whether_any_unmarked_object_is_left():
+    from seqops.model import ModelSpec, SeqCounter
+
+    with pytest.raises(ValueError, match="done_peak"):
+        ModelSpec.from_preset("tiny", 64, False, order_prior="none", done_peak=True)
+    torch.manual_seed(0)
+    model = SeqCounter(ModelSpec.from_preset("tiny", 64, False, order_prior="scan", done_peak=True))
+    features = model.encode(torch.randn(2, 3, 64, 64))
+    out = model.step(features, torch.zeros(2, 1, model.spec.grid, model.spec.grid))
+    out.done_logit.sum().backward()
+    # the done loss reaches the unmarked-object map through its maximum
+    assert float(model.stepper.objects.weight.grad.abs().sum()) > 0
+    assert model.stepper.done[0].in_features == 2 * model.spec.step_channels + 1
