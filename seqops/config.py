@@ -59,8 +59,15 @@ class CocoConfig(_Section):
     test_share: float = Field(ge=0, lt=1)
 
 
+class PointsConfig(_Section):
+    root: str  # images with CSV and/or LabelMe point annotations (docs/points-format.md)
+    labels: tuple[str, ...] = Field(strict=False)  # LabelMe labels counted; empty: every one
+    val_share: float = Field(ge=0, lt=1)  # of the images without a split of their own
+    test_share: float = Field(ge=0, lt=1)
+
+
 class PrepareConfig(_Section):
-    source: Literal["synthetic", "fsc147", "coco"]
+    source: Literal["synthetic", "fsc147", "coco", "points"]
     seed: int
     image_size: int = Field(ge=32, le=2048)
     order: Literal["reading_order", "left_to_right", "nearest_neighbor"]
@@ -74,6 +81,7 @@ class PrepareConfig(_Section):
     synthetic: SyntheticConfig
     fsc147: Fsc147Config
     coco: CocoConfig
+    points: PointsConfig
 
 
 # --- sampling (read by prepare for its statistics and by train) -----------------

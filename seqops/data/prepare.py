@@ -1,4 +1,4 @@
-"""The ``prepare`` stage: turn a source (synthetic, FSC-147, COCO) into a prepared dataset.
+"""The ``prepare`` stage: turn a source (synthetic, FSC-147, COCO, points) into a dataset.
 
 ``run_prepare(params, out_dir)`` writes the directory documented in
 :mod:`seqops.data.manifest` inside :func:`seqops.io.atomic_directory`: a failure
@@ -27,6 +27,7 @@ from seqops.data.coco import iter_coco
 from seqops.data.fsc147 import iter_fsc147
 from seqops.data.manifest import SPLITS, Record, manifest_path, write_manifest
 from seqops.data.ordering import order_indices
+from seqops.data.points import iter_points
 from seqops.data.sources import IssueLog, PrepareError, Sample
 from seqops.data.synthetic import iter_synthetic
 from seqops.io import atomic_directory, atomic_write_json
@@ -43,6 +44,7 @@ SOURCES: dict[str, Callable[[PrepareConfig, IssueLog], Iterator[Sample]]] = {
     "synthetic": iter_synthetic,
     "fsc147": iter_fsc147,
     "coco": iter_coco,
+    "points": iter_points,
 }
 
 
@@ -117,6 +119,7 @@ def summarize(records: dict[str, list[Record]], params: Params, issues: IssueLog
         "skipped_total": sum(issues.skipped.values()),
         "skipped_items": issues.items,
         "filtered": dict(sorted(issues.filtered.items())),
+        "ignored": dict(sorted(issues.ignored.items())),
     }
 
 
