@@ -51,6 +51,7 @@ class IssueLog:
     skipped: Counter = field(default_factory=Counter)
     items: list = field(default_factory=list)  # the first MAX_LISTED_ISSUES, with file + reason
     filtered: Counter = field(default_factory=Counter)
+    ignored: Counter = field(default_factory=Counter)  # annotation parts that are no objects
 
     def report(self, file: str | Path, reason: str, detail: str = "") -> None:
         """Report a bad item (``reason`` is a snake_case key such as ``missing_image``)."""
@@ -65,6 +66,10 @@ class IssueLog:
     def filter(self, reason: str) -> None:
         """Count a valid item left out by a filter (not an error)."""
         self.filtered[reason] += 1
+
+    def ignore(self, reason: str, count: int = 1) -> None:
+        """Count parts of a valid annotation that are not objects (a LabelMe polygon, ...)."""
+        self.ignored[reason] += count
 
 
 @dataclass(frozen=True)

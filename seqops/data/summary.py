@@ -25,7 +25,7 @@ def stats_text(stats: dict[str, Any], where: str = "") -> str:
         )
         lines.append(f"        per image: {_histogram_line(split.get('histogram', {}))}")
     done = stats.get("done_share")
-    if done:
+    if done and done.get("sampled") is not None:  # None: no training images to sample
         lines.append(
             f"  done=1 share of {done['split']} steps under the training sampling: "
             f"{done['sampled']:.1%} (`seqops data balance` explains it)"
@@ -36,4 +36,7 @@ def stats_text(stats: dict[str, Any], where: str = "") -> str:
     filtered = stats.get("filtered", {})
     if filtered:
         lines.append("  filtered: " + ", ".join(f"{k}: {v}" for k, v in filtered.items()))
+    ignored = stats.get("ignored", {})
+    if ignored:
+        lines.append("  ignored: " + ", ".join(f"{k}: {v}" for k, v in ignored.items()))
     return "\n".join(lines)
