@@ -132,9 +132,9 @@ def _register_data(sub: argparse._SubParsersAction) -> None:
         sub,
         "prepare",
         help="prepare a dataset (the `prepare` DVC stage)",
-        description="Read prepare.source (synthetic scenes, FSC-147 or COCO), order each "
-        "image's points, resize to the model input and write the dataset to --out; print a "
-        "summary (stats.json holds it in full).",
+        description="Read prepare.source (synthetic scenes, FSC-147, COCO or a points "
+        "folder), order each image's points, resize to the model input and write the dataset "
+        "to --out; print a summary (stats.json holds it in full).",
     )
     add_params_arguments(p, "prepare.num_train=200")
     p.add_argument("--out", type=Path, default=Path("data/prepared"), help="dataset directory")
