@@ -57,7 +57,8 @@ log = logging.getLogger(__name__)
 
 CSV_COLUMNS = ("image", "x", "y")
 CSV_OPTIONAL = ("split",)
-LABELME_FIELDS = (("imagePath", str), ("imageHeight", int), ("imageWidth", int))
+LABELME_FIELDS = (("imagePath", str, "a path"), ("imageHeight", int, "an integer"),
+                  ("imageWidth", int, "an integer"))  # fmt: skip
 # LabelMe writes shapes without shape_type in its oldest files; it reads them as polygons.
 LABELME_DEFAULT_SHAPE = "polygon"
 _DRIVE = re.compile(r"^[A-Za-z]:")  # "C:/..." is absolute on Windows, where files come from
@@ -194,12 +195,10 @@ def read_labelme(
     if not isinstance(raw, dict) or not isinstance(raw.get("shapes"), list):
         issues.report(path, "not_labelme", "no 'shapes' list: not a LabelMe file")
         return None
-    for key, kind in LABELME_FIELDS:
+    for key, kind, what in LABELME_FIELDS:
         value = raw.get(key)
         if not isinstance(value, kind) or isinstance(value, bool):
-            issues.report(
-                path, "malformed_labelme", f"{key}: expected a {kind.__name__}, got {value!r}"
-            )
+            issues.report(path, "malformed_labelme", f"{key}: expected {what}, got {value!r}")
             return None
     split, why = _parse_split(raw.get("split"))
     if why:
