@@ -216,7 +216,7 @@ class CollectOptions(BaseModel):
 
     points: list[Point] = Field(
         description="every object of the image, [[x, y], ...] in original pixels of the image"
-        " as shown (EXIF orientation applied); [] for an image with none"
+        " as shown (EXIF orientation applied): at least one, none closer than 1 px to another"
     )
 
     _json_points = field_validator("points", mode="before")(_parse_json_text)

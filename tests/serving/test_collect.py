@@ -105,10 +105,16 @@ def test_saving_the_same_image_again_replaces_only_its_own_record(client, folder
     assert len(json.loads(files[other["path"]])["shapes"]) == 2  # untouched
 
 
-def test_an_image_without_objects_is_a_record_too(client, folder):
-    response = save(client, PNG, [])
-    assert response.status_code == 201 and response.json()["count"] == 0
-    assert json.loads((folder / response.json()["path"]).read_text())["shapes"] == []
+def test_a_save_prepare_would_skip_is_refused(client, folder):
+    """The points reader's own rules: a record with no point, or one object marked twice
+    (closer than 1 px), would be left out of training, so it is not written."""
+    empty = save(client, PNG, [])
+    assert empty.status_code == 422 and "no_points" in empty.json()["detail"]
+    twice = save(client, PNG, [[10, 10], [30, 30], [10.4, 10.3]])
+    assert twice.status_code == 422
+    assert "points 0 and 2 at (10, 10) are one object twice" in twice.json()["detail"]
+    assert not folder.exists() or snapshot(folder) == {}
+    assert save(client, PNG, [[10, 10], [11.2, 10]]).status_code == 201  # 1.2 px apart: two
 
 
 def test_the_record_holds_the_image_as_the_camera_showed_it(client, folder):
