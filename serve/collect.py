@@ -81,8 +81,9 @@ def labelme_record(image_name: str, points: list, width: int, height: int) -> di
 def check_points(points: list, width: int, height: int, limit: int) -> None:
     """422 naming the first point that is not a finite position inside the image, the count
     when there are more than ``limit``, and whatever else the points reader of ``prepare``
-    would skip the record for (no point at all, one object marked twice): its own check, so
-    the folder never holds a record that training would leave out."""
+    would skip the record for (one object marked twice): its own check, so the folder never
+    holds a record that training would leave out. No points at all is a record too: an image
+    with nothing to count (``prepare.min_objects`` decides whether training uses it)."""
     if len(points) > limit:
         raise ServeError(422, f"points: at most {limit} here, got {len(points)}")
     for i, (x, y) in enumerate(points):
@@ -90,7 +91,9 @@ def check_points(points: list, width: int, height: int, limit: int) -> None:
             raise ServeError(422, f"points[{i}]: {[x, y]} is not a pair of finite numbers")
         if not (0 <= x <= width and 0 <= y <= height):
             raise ServeError(422, f"points[{i}]: {[x, y]} is outside the {width}x{height} image")
-    problem = find_point_problem(np.asarray(points, np.float64).reshape(-1, 2), width, height)
+    if not points:
+        return
+    problem = find_point_problem(np.asarray(points, np.float64), width, height)
     if problem is not None:
         reason, detail = problem
         raise ServeError(422, f"points: {detail} ({reason}: prepare would skip this record)")
@@ -191,8 +194,8 @@ async def collect(request: Request, service: ServiceDep) -> dict:
     `[[x, y], ...]` in original pixels of the image as shown (EXIF orientation applied), or
     JSON `{"image": "<base64>", "points": [...]}`. Writes `<id>.png` and `<id>.json`
     (LabelMe points) into the folder; saving the same image again replaces its record. The
-    points must be what `prepare` takes: at least one, no object marked twice (two points
-    closer than 1 px)."""
+    points must be what `prepare` takes: no object marked twice (two points closer than
+    1 px); `[]` is an image with nothing to count."""
     collector: Collector | None = request.app.state.collector
     if collector is None:
         raise ServeError(404, "collect: this server does not save (start it with --collect DIR)")

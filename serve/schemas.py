@@ -216,7 +216,8 @@ class CollectOptions(BaseModel):
 
     points: list[Point] = Field(
         description="every object of the image, [[x, y], ...] in original pixels of the image"
-        " as shown (EXIF orientation applied): at least one, none closer than 1 px to another"
+        " as shown (EXIF orientation applied), none closer than 1 px to another; [] for an"
+        " image with nothing to count"
     )
 
     _json_points = field_validator("points", mode="before")(_parse_json_text)

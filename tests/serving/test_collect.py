@@ -105,11 +105,14 @@ def test_saving_the_same_image_again_replaces_only_its_own_record(client, folder
     assert len(json.loads(files[other["path"]])["shapes"]) == 2  # untouched
 
 
-def test_a_save_prepare_would_skip_is_refused(client, folder):
-    """The points reader's own rules: a record with no point, or one object marked twice
-    (closer than 1 px), would be left out of training, so it is not written."""
-    empty = save(client, PNG, [])
-    assert empty.status_code == 422 and "no_points" in empty.json()["detail"]
+def test_an_image_without_objects_is_a_record_too(client, folder):
+    response = save(client, PNG, [])
+    assert response.status_code == 201 and response.json()["count"] == 0
+    assert json.loads((folder / response.json()["path"]).read_text())["shapes"] == []
+
+
+def test_an_object_marked_twice_is_refused(client, folder):
+    """prepare's points reader would skip such a record (its own check decides here)."""
     twice = save(client, PNG, [[10, 10], [30, 30], [10.4, 10.3]])
     assert twice.status_code == 422
     assert "points 0 and 2 at (10, 10) are one object twice" in twice.json()["detail"]
