@@ -382,6 +382,16 @@ def test_exemplar_boxes_are_drawn_before_the_count(browser, tmp_path):
         page.drag_image((40, 50), (90, 100))
         boxes = page.wait(lambda: page.js("return seqops.boxes"), what="a box")
         assert np.allclose(boxes, [[40, 50, 90, 100]], atol=0.6)
+        # A second box with the keyboard: B at one corner, move the cursor, B at the other.
+        start = page.js("return [seqops.cursor.x, seqops.cursor.y]")
+        page.keys("b")
+        page.chord(Keys.SHIFT, Keys.RIGHT)
+        page.chord(Keys.SHIFT, Keys.DOWN)
+        page.keys("b")
+        boxes = page.wait(lambda: len(page.js("return seqops.boxes")) == 2
+                          and page.js("return seqops.boxes"), what="a second box")  # fmt: skip
+        end = page.js("return [seqops.cursor.x, seqops.cursor.y]")
+        assert np.allclose(boxes[1], [*start, *end], atol=0.01) and end[0] > start[0] + 3
         page.keys(Keys.ENTER)
         found = page.settled(MAX_OBJECTS)
         exemplars = {"exemplars": json.dumps(boxes)}
