@@ -25,6 +25,7 @@ export const state = {
   running: null, // AbortController of the count in flight
   view: { scale: 1, x: 0, y: 0, fit: true },
   cursor: null, // keyboard cursor {x, y} in image px
+  keyboard: false, // the cursor is shown: the last move came from the keyboard
   selected: -1, // index of the selected point (keyboard)
   boxStart: null, // first corner of an exemplar box being drawn
   exemplarMode: false,
