@@ -471,3 +471,38 @@ def test_the_page_asks_for_the_api_key_and_saves_with_it(browser, tmp_path, monk
         assert np.allclose([s["points"][0] for s in record["shapes"]], found, atol=1e-9)
     finally:
         srv.stop()
+
+
+CONTRAST = """
+const linear = (v) => (v /= 255) <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4;
+const luminance = (colour) => {
+  const [r, g, b] = colour.match(/[\\d.]+/g).slice(0, 3).map(Number).map(linear);
+  return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+};
+const background = (e) => {
+  for (; e; e = e.parentElement) {
+    const c = getComputedStyle(e).backgroundColor;
+    if (c !== "transparent" && !/, 0\\)$/.test(c)) return c;
+  }
+  return "rgb(255, 255, 255)";
+};
+const texts = [...document.querySelectorAll("h1, h1 span, p, button, label, kbd, summary, dt, dd")]
+  .filter((e) => e.offsetParent !== null && e.textContent.trim());
+return texts.map((e) => {
+  const a = luminance(getComputedStyle(e).color), b = luminance(background(e));
+  return [e.id || e.className || e.tagName, (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05)];
+});
+"""
+
+
+def test_every_text_has_readable_contrast(page):
+    """WCAG AA (4.5:1) for every visible text, before an image and after a count (enabled
+    and disabled buttons, the hint on the dark image area, the keys list)."""
+    ratios = page.js(CONTRAST)
+    page.click("keys-summary")
+    page.drop(make_scene(200, 160, seed=7)[0], "contrast.png")
+    page.settled(MAX_OBJECTS)
+    ratios += page.js(CONTRAST)
+    assert len(ratios) > 30
+    low = [(name, round(ratio, 2)) for name, ratio in ratios if ratio < 4.5]
+    assert not low, low
