@@ -1,4 +1,5 @@
-"""`make demo`: the whole pipeline on the embedded defaults, then the served model over HTTP.
+"""`make demo`: the whole pipeline on the embedded defaults, then the served model over HTTP
+(``/predict`` on a sample scene, and the counting page at ``/``).
 
 1. The Prefect pipeline flow (ephemeral Prefect server, MLflow on ./mlflow.db, DVC):
    prepare -> train -> export -> evaluate -> promote.
@@ -50,6 +51,15 @@ def post_image(url: str, path: Path) -> dict:
         return json.loads(response.read())
 
 
+def check_page(base: str) -> str:
+    """The counting page at ``/`` and the script it loads: served, from the server alone."""
+    with urllib.request.urlopen(f"{base}/", timeout=30) as response:
+        html = response.read().decode()
+    if "<script" not in html or "http://" in html.replace(base, "") or "https://" in html:
+        raise SystemExit(f"demo: {base}/ is not the self-contained counting page")
+    return f"{len(html)} bytes of HTML, no CDN"
+
+
 def main() -> int:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     print("== 1/3 pipeline flow: prepare -> train -> export -> evaluate -> promote", flush=True)
@@ -73,6 +83,7 @@ def main() -> int:
         wait_ready(f"{base}/v2/health/ready", server)
         print(f"\n== 3/3 POST {base}/predict  ({sample.relative_to(ROOT)})", flush=True)
         answer = post_image(f"{base}/predict", sample)
+        page = check_page(base)
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
@@ -86,6 +97,7 @@ def main() -> int:
     )
     for i, (x, y) in enumerate(answer["points"], 1):
         print(f"  {i:3d}: ({x:7.1f}, {y:7.1f})")
+    print(f"\nthe counting page at {base}/ answered ({page})")
     subprocess.run(
         [BIN / "seqops", "predict", str(sample), "--model", "models/onnx", "--out", str(out_dir)],
         cwd=ROOT,
@@ -101,6 +113,8 @@ def main() -> int:
         "  MLflow UI         make mlflow-ui   -> http://127.0.0.1:5000\n"
         "  Prefect UI        make prefect-server -> http://127.0.0.1:4200\n"
         f"  serve it yourself .venv/bin/seqops serve --model models:/seqops@champion"
+        " --collect data/raw/collected\n"
+        "  count and correct http://127.0.0.1:8000/ (README: Count, correct, collect)"
     )
     return 0
 
