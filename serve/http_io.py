@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -319,17 +319,14 @@ async def read_image_request(request: Request, json_model: type) -> tuple[bytes,
     if ctype == "multipart/form-data":
         if _content_encoding(request) != "identity":
             raise ServeError(415, "Content-Encoding: a multipart body is sent uncompressed")
-        form = await request.form(max_files=1, max_fields=16)
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
-            raise ServeError(422, "file: a multipart upload named 'file' is required")
-        fields = {}
-        for key, value in form.multi_items():
-            if key == "file":
-                continue
-            if not isinstance(value, str):  # an upload where an option's text belongs
-                raise ServeError(422, f"{key}: expected a form field, got a file upload")
-            fields[key] = value
+        form = await read_form(request)
+        options = sorted(set(json_model.model_fields) - {"image"})
+        upload = _the_upload(form, options)
+        fields = {
+            key: value
+            for key, value in form.multi_items()
+            if key != "file" and isinstance(value, str)
+        }
         return await upload.read(), fields
     if ctype in IMAGE_TYPES or ctype.startswith("image/"):
         return await read_body(request), {}
@@ -338,6 +335,56 @@ async def read_image_request(request: Request, json_model: type) -> tuple[bytes,
         f"Content-Type {ctype or '(none)'!r}: send image/png or image/jpeg, multipart/form-data"
         " with a 'file' part, or application/json {\"image\": <base64>}",
     )
+
+
+# Form limits: one image, and a few option fields. Up to MAX_FORM_FILES uploads are parsed
+# (the body limit bounds their bytes) so that a form with a file too many is answered with
+# what it holds, not with the parser's "Too many files".
+MAX_FORM_FILES = 4
+MAX_FORM_FIELDS = 16
+
+
+async def read_form(request: Request) -> FormData:
+    """The multipart form, or a 4xx naming the limit it passes (Starlette says only "Too
+    many files", with status 400, for a form that is well-formed but holds too much)."""
+    try:
+        return await request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS)
+    except StarletteHTTPException as exc:
+        reason = str(exc.detail)
+        if reason.startswith("Too many files"):
+            raise ServeError(
+                422, f"file: one image per request, got more than {MAX_FORM_FILES} file parts"
+            ) from None
+        if reason.startswith("Too many fields"):
+            raise ServeError(
+                422, f"form: at most {MAX_FORM_FIELDS} option fields, got more"
+            ) from None
+        raise ServeError(400, f"body: not a valid multipart form ({reason})") from None
+
+
+def _the_upload(form: FormData, options: list[str]) -> UploadFile:
+    """The form's one image, in its part named ``file``; a 422 naming the part otherwise
+    (several images, an image under another name, an upload where an option's text goes)."""
+    uploads = [(key, value) for key, value in form.multi_items() if isinstance(value, UploadFile)]
+    images = [value for key, value in uploads if key == "file"]
+    accepted = f"'file' (the image) and the text fields {', '.join(options)}"
+    if len(images) > 1:
+        raise ServeError(422, f"file: one image per request, got {len(images)} file parts")
+    for key, _ in uploads:
+        if key in options:
+            raise ServeError(422, f"{key}: expected a form field, got a file upload")
+        if key != "file" and images:
+            raise ServeError(422, f"{key}: a second file upload; the form takes {accepted}")
+        if key != "file":
+            raise ServeError(
+                422, f"file: the image goes in a part named 'file', got a file upload named "
+                f"{key!r}; the form takes {accepted}",
+            )  # fmt: skip
+    if not images:
+        raise ServeError(
+            422, f"file: a multipart upload named 'file' is required; the form takes {accepted}"
+        )
+    return images[0]
 
 
 def _content_encoding(request: Request) -> str:
