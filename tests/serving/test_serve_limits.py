@@ -132,3 +132,14 @@ def test_a_second_upload_under_another_name_is_named(server):
     assert json.loads(option_as_file.text) == {
         "detail": "max_objects: expected a form field, got a file upload"
     }
+
+
+def test_a_form_with_too_many_fields_or_no_boundary_is_named(server):
+    fields = {f"field{i}": "1" for i in range(17)}
+    crowded = httpx.post(f"{server.base}/predict", files=[_image()], data=fields, timeout=10)
+    assert crowded.status_code == 422, crowded.text
+    assert crowded.json() == {"detail": "form: at most 16 option fields, got more"}
+    unbounded = httpx.post(f"{server.base}/predict", content=b"--x\r\n",
+                           headers={"content-type": "multipart/form-data"}, timeout=10)  # fmt: skip
+    assert unbounded.status_code == 400, unbounded.text
+    assert unbounded.json()["detail"].startswith("body: not a valid multipart form")
