@@ -412,8 +412,8 @@ def _demo_model() -> Path | None:
 @pytest.mark.slow
 def test_drop_to_final_count_on_the_demo_model(browser, tmp_path):
     """The time from dropping examples/scene.png to its final count, on the demo's model (the
-    test model before `make demo` has made one): the
-    page's own clock (performance.now at the drop, at the last record). Five drops, median."""
+    test model before `make demo` has made one): the page's own clock (performance.now at
+    the drop, at the last record). Five drops, median."""
     model_dir, limit = _demo_model(), []
     if model_dir is None:  # a fresh clone before `make demo`: the test model, MAX_OBJECTS points
         model_dir, limit = serve_model(), ["--max-objects", str(MAX_OBJECTS)]
