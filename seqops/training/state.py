@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -101,6 +102,10 @@ class TrainingState:
     history: list[dict[str, float]] = field(default_factory=list)  # one row per epoch (rank 0)
     best_model_state: dict[str, Tensor] | None = None  # the best epoch's weights, on the CPU
     run_id: str | None = None  # the MLflow run, continued when the run resumes
+    # The model's own loop on the training images (train.loop_share), image index -> points
+    # found, model px: each epoch rolls out only a share of them, so a resumed run needs the
+    # older rollouts to train on the same states as an uninterrupted one.
+    loop_points: dict[int, np.ndarray] = field(default_factory=dict)
 
     def describe(
         self, epoch: int, metrics: dict[str, Any], model_state: dict[str, Tensor] | None = None
@@ -129,6 +134,7 @@ class TrainingState:
             "rng_state": ckpt.capture_rng_state(),
             "history": self.history,
             "best_model_state": self.best_model_state,
+            "loop_points": {int(i): torch.from_numpy(p) for i, p in self.loop_points.items()},
         }
 
     def restore(self, saved: dict[str, Any]) -> None:
@@ -142,6 +148,7 @@ class TrainingState:
         self.history = list(saved["history"])
         self.best_model_state = saved.get("best_model_state")
         self.run_id = saved.get("run_id")
+        self.loop_points = {int(i): t.numpy() for i, t in saved.get("loop_points", {}).items()}
 
     def resume(self, last_path: Path, mode: str) -> bool:
         """Restore ``last_path`` when ``mode`` and the file allow it (:func:`load_resume_state`);

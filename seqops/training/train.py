@@ -179,6 +179,7 @@ def set_up(
     )
     if state.resume(outputs.last_path, resume):
         report_resumed(state, outputs.last_path, resume)
+        train_ds.loop_points = state.loop_points  # the rollouts of the epochs before
     # Wrapped after resuming: DDP starts every rank from rank 0's weights as they are now.
     net: nn.Module = ManyStepNet(model)
     if dist.enabled:
@@ -318,7 +319,7 @@ def refresh_loop_points(run: Run, epoch: int = 2) -> None:
         )  # fmt: skip
         for i, norm in zip(index, points, strict=True):
             found[int(i)] = norm_to_pixels(norm, ds.image_size)
-    ds.loop_points = found
+    ds.loop_points = run.state.loop_points = found
     model.train()
 
 
