@@ -83,6 +83,18 @@ class Server:
             time.sleep(0.1)
         pytest.fail(f"server not ready after {timeout} s:\n{self.output()}")
 
+    def __enter__(self) -> Server:
+        """``with Server(...) as srv``: ready inside the block, stopped after it."""
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

@@ -102,15 +102,11 @@ def collected(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(collected, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("page_server") / "server.log"
-    srv = Server(
+    with Server(
         serve_model(), log_path, "--collect", str(collected), "--max-objects", str(MAX_OBJECTS),
         "--max-objects-limit", "60",
-    )  # fmt: skip
-    try:
-        srv.wait_ready()
+    ) as srv:  # fmt: skip
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module", params=BROWSERS)

@@ -20,16 +20,12 @@ MAX_CONNECTIONS = 3
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = Server(
+    with Server(
         serve_model(),
         tmp_path_factory.mktemp("limits") / "server.log",
         "--max-connections", str(MAX_CONNECTIONS), "--body-timeout", "5", "--max-objects", "3",
-    )  # fmt: skip
-    try:
-        srv.wait_ready()
+    ) as srv:  # fmt: skip
         yield srv
-    finally:
-        srv.stop()
 
 
 def _hold_connections(server: Server, count: int) -> list[socket.socket]:

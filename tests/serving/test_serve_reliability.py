@@ -21,17 +21,13 @@ PNG = make_png(96, 64)
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = Server(
+    with Server(
         serve_model(),
         tmp_path_factory.mktemp("reliability") / "server.log",
         "--max-objects-limit", "100000", "--body-timeout", "1", "--keep-alive", "1",
         "--max-queue", "2", "--max-active", "2",  # 4 places: the queue's and the loop's
-    )  # fmt: skip
-    try:
-        srv.wait_ready()
+    ) as srv:  # fmt: skip
         yield srv
-    finally:
-        srv.stop()
 
 
 def _metric(server: Server, name: str) -> float:
