@@ -294,7 +294,7 @@ LOOP_BATCH = 32
 
 
 @torch.no_grad()
-def refresh_loop_points(run: Run, epoch: int = 2) -> None:
+def refresh_loop_points(run: Run, epoch: int) -> None:
     """Run the current model's loop (as served: eval mode, the export's done threshold) on
     the training images and hand the points found to the dataset, whose steps then include
     the states that loop visits (``train.loop_share``).

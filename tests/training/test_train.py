@@ -132,7 +132,7 @@ def test_an_epoch_saved_by_save_epoch_is_resumed_by_set_up(tiny_dataset, tmp_pat
 def test_the_loop_own_states_reach_the_training_batches(tiny_dataset, tmp_path):
     params = shrink_params(*PLAIN, "train.loop_share=0.5", "train.loop_refresh=1")
     run = set_up_on_cpu(params, tiny_dataset, tmp_path)
-    refresh_loop_points(run)
+    refresh_loop_points(run, epoch=2)
     ds = run.train_ds
     assert sorted(ds.loop_points) == list(range(len(ds)))
     assert run.state.model.training  # put back in training mode after the rollout
