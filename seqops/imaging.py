@@ -14,7 +14,9 @@ input size ``S``.
 
 from __future__ import annotations
 
+import functools
 import io
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -195,24 +197,32 @@ def resize_for_model(image: Image.Image, size: int) -> tuple[np.ndarray, tuple[f
     return np.asarray(image, dtype=np.uint8), (size / width, size / height)
 
 
-def normalize_pixels(pixels: np.ndarray) -> np.ndarray:
-    """uint8 ``[..., H, W, 3]`` -> float32 ``[..., 3, H, W]`` with :data:`MEAN`/:data:`STD`.
+def normalize_pixels(
+    pixels: np.ndarray, mean: Sequence[float] = MEAN, std: Sequence[float] = STD
+) -> np.ndarray:
+    """uint8 ``[..., H, W, 3]`` -> float32 ``[..., 3, H, W]`` as ``(x / 255 - mean) / std``.
 
-    A 256-entry table per channel, looked up on the channels-first uint8 copy: the same
-    values as ``(x / 255 - MEAN) / STD``, three times faster on one image than computing
-    in float32 and moving the axis there (the server's and training's per-image cost).
+    ``mean``/``std`` are the model's (its metadata carries them: a pretrained backbone has
+    ImageNet's). A 256-entry table per channel, looked up on the channels-first uint8 copy:
+    the same values as computing in float32 and moving the axis, three times faster on one
+    image (the server's and training's per-image cost).
     """
     planes = np.ascontiguousarray(np.moveaxis(np.asarray(pixels, np.uint8), -1, -3))
     out = np.empty(planes.shape, np.float32)
-    for channel, table in enumerate(_NORMALIZE_TABLES):
+    for channel, table in enumerate(_normalize_tables(tuple(mean), tuple(std))):
         np.take(table, planes[..., channel, :, :], out=out[..., channel, :, :])
     return out
 
 
-_NORMALIZE_TABLES = (
-    (np.arange(256, dtype=np.float32)[None, :] / 255.0 - np.asarray(MEAN, np.float32)[:, None])
-    / np.asarray(STD, np.float32)[:, None]
-).astype(np.float32)
+@functools.lru_cache(maxsize=8)
+def _normalize_tables(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """``[3, 256]`` float32: each channel's normalised value of every uint8 level."""
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"normalisation: 3 means and 3 positive stds expected, got {mean}, {std}")
+    levels = np.arange(256, dtype=np.float32)[None, :] / 255.0
+    return (
+        (levels - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[:, None]
+    ).astype(np.float32)
 
 
 def pixels_to_norm(points_px: np.ndarray, size: int) -> np.ndarray:

@@ -266,7 +266,9 @@ class Predictor:
             image = imaging.load_image(image)
         pixels, scale = imaging.resize_for_model(image.convert("RGB"), self.info.image_size)
         mask = self._exemplar_mask(exemplars, image.size, scale)
-        return PreparedImage(imaging.normalize_pixels(pixels), image.size, scale, mask)
+        return PreparedImage(
+            imaging.normalize_pixels(pixels, self.info.mean, self.info.std), image.size, scale, mask
+        )
 
     def _exemplar_mask(self, exemplars, size, scale) -> np.ndarray | None:
         """The exemplar mask ``[1, g, g]`` of boxes in original px; checks them first."""
