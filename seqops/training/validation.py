@@ -183,9 +183,16 @@ def rollout(
     masks = None if exemplar_masks is None else torch.from_numpy(exemplar_masks).to(device)
     features = model.encode(images, masks)
 
+    # The features of the images still running, compacted only when one stops: the active
+    # set shrinks a few times per batch, and copying the features at every step cost as much
+    # as the step itself.
+    held = {"ids": np.arange(len(pixels)), "features": features}
+
     def step(active: np.ndarray, marks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        index = torch.from_numpy(active).to(device)
-        out = model.step(features.index_select(0, index), torch.from_numpy(marks).to(device))
+        if not np.array_equal(active, held["ids"]):  # an ordered subset of the held ids
+            rows = torch.from_numpy(np.searchsorted(held["ids"], active)).to(device)
+            held.update(ids=active, features=held["features"].index_select(0, rows))
+        out = model.step(held["features"], torch.from_numpy(marks).to(device))
         return out.xy.float().cpu().numpy(), torch.sigmoid(out.done_logit.float()).cpu().numpy()
 
     rollouts = [Rollout.start(spec.grid, spec.mark_sigma) for _ in range(len(pixels))]
