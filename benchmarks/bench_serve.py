@@ -34,6 +34,8 @@ import os
 import platform
 import random
 import re
+import resource
+import signal
 import socket
 import statistics
 import subprocess
@@ -42,9 +44,12 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import numpy as np
+import psutil
 from PIL import Image, ImageDraw
 
 from seqops.io import atomic_write_json, free_port
@@ -81,33 +86,79 @@ def scene_png(size: int, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
-class ServerProcess:
-    """`seqops serve` on a free loopback port (stopped with SIGTERM)."""
+PEERS_DIR = Path(__file__).parent / "peers"
 
-    def __init__(self, model: str, *args: str) -> None:
+# The servers a closed-loop run can drive: name -> (command after the interpreter, readiness
+# path). {model} and {port} are filled in. Peers take the same multipart request.
+_SEQOPS_ENTRY = ["-m", "seqops.cli", "serve", "--model", "{model}", "--port", "{port}",
+                 "--device", "cpu", "--no-access-log"]  # fmt: skip
+# seqops' app on uvicorn's pure-Python HTTP parser and the standard event loop (the default
+# is httptools + uvloop): what the faster stack is worth.
+_H11_ASYNCIO = (
+    "import sys, uvicorn; from serve.app import create_app; "
+    "from serve.settings import ServeSettings; "
+    "uvicorn.run(create_app(ServeSettings(model=sys.argv[1], device='cpu')), "
+    "port=int(sys.argv[2]), http='h11', loop='asyncio', access_log=False, log_level='warning')"
+)
+SERVERS = {
+    "seqops": ([*_SEQOPS_ENTRY], "/readyz"),
+    "seqops-off": ([*_SEQOPS_ENTRY, "--no-batching"], "/readyz"),
+    "seqops-2w": ([*_SEQOPS_ENTRY, "--workers", "2", "--threads", "1"], "/readyz"),
+    "seqops-1t": ([*_SEQOPS_ENTRY, "--threads", "1"], "/readyz"),
+    "seqops-h11": (["-c", _H11_ASYNCIO, "{model}", "{port}"], "/readyz"),
+    "plain": ([str(PEERS_DIR / "plain_fastapi.py"), "--model", "{model}", "--port", "{port}"],
+              "/healthz"),
+    "litserve": ([str(PEERS_DIR / "litserve_batched.py"), "--model", "{model}", "--port",
+                  "{port}"], "/health"),
+}  # fmt: skip
+
+
+class ServerProcess:
+    """A server (``seqops serve`` unless ``kind`` names another) on a free loopback port, in
+    its own process group (peers start worker processes), stopped with SIGTERM."""
+
+    def __init__(self, model: str, *args: str, kind: str = "seqops") -> None:
+        self.kind = kind
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        script = Path(sys.executable).with_name("seqops")
-        command = [str(script), "serve", "--model", model, "--port", str(self.port),
-                   "--device", "cpu", "--no-access-log", *args]  # fmt: skip
+        template, self.ready_path = SERVERS[kind]
+        command = [sys.executable, *(a.format(model=model, port=self.port) for a in template)]
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
-        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [*command, *args], stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         stop_at = time.monotonic() + timeout
         while time.monotonic() < stop_at and self.proc.poll() is None:
             try:
-                if httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200:
+                if httpx.get(f"{self.base}{self.ready_path}", timeout=2).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
         self.log.seek(0)
-        raise RuntimeError(f"server not ready:\n{self.log.read().decode()[-3000:]}")
+        raise RuntimeError(f"{self.kind} not ready:\n{self.log.read().decode()[-3000:]}")
+
+    def processes(self) -> list[psutil.Process]:
+        """The server's process and its children (workers), alive now."""
+        try:
+            root = psutil.Process(self.proc.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=60)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        time.sleep(0.5)  # its workers exit after it
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self.log.close()
 
 
@@ -141,27 +192,51 @@ def summarize(latencies: list[float], statuses: Counter, elapsed: float) -> dict
     }
 
 
-async def closed_loop(urls: list[str], png: bytes, duration: float) -> dict[str, dict]:
-    """One client per entry of ``urls``, each back to back for ``duration`` seconds;
-    results per distinct URL (so a mixed load reports each kind of request apart)."""
-    latencies: dict[str, list[float]] = {url: [] for url in urls}
-    statuses: dict[str, Counter] = {url: Counter() for url in urls}
-    limits = httpx.Limits(max_connections=len(urls) + 2)
+async def closed_loop(
+    base: str, counts: list[int], bodies: dict[int, bytes], duration: float
+) -> dict[int, dict]:
+    """One client per entry of ``counts`` (the objects of its image), each back to back for
+    ``duration`` seconds; results per objects count (a mixed load reports each kind apart),
+    with the objects the answers counted and the latencies themselves (s)."""
+    latencies: dict[int, list[float]] = {n: [] for n in counts}
+    statuses: dict[int, Counter] = {n: Counter() for n in counts}
+    counted: dict[int, int] = dict.fromkeys(counts, 0)
+    limits = httpx.Limits(max_connections=len(counts) + 2)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
         start = time.perf_counter()
         stop_at = start + duration
 
-        async def client_loop(url: str) -> None:
+        async def client_loop(n: int) -> None:
             while time.perf_counter() < stop_at:
                 t0 = time.perf_counter()
-                response = await client.post(url, content=png, headers=_PNG)
-                statuses[url][response.status_code] += 1
+                response = await client.post(f"{base}/predict", content=bodies[n], headers=_FORM)
+                statuses[n][response.status_code] += 1
                 if response.status_code == 200:
-                    latencies[url].append(time.perf_counter() - t0)
+                    latencies[n].append(time.perf_counter() - t0)
+                    counted[n] += response.json()["count"]
 
-        await asyncio.gather(*(client_loop(url) for url in urls))
+        await asyncio.gather(*(client_loop(n) for n in counts))
         elapsed = time.perf_counter() - start
-    return {url: summarize(latencies[url], statuses[url], elapsed) for url in latencies}
+    return {
+        n: {**summarize(latencies[n], statuses[n], elapsed),
+            "objects_per_s": round(counted[n] / elapsed, 1), "latencies": latencies[n]}
+        for n in latencies
+    }  # fmt: skip
+
+
+_BOUNDARY = "seqops-bench-boundary"
+_FORM = {"content-type": f"multipart/form-data; boundary={_BOUNDARY}"}
+
+
+def form_body(png: bytes, max_objects: int) -> bytes:
+    """The request every server gets: a multipart form with ``max_objects`` and the image as
+    ``file`` (built once: the load generator then only sends bytes)."""
+    field = (
+        f'--{_BOUNDARY}\r\nContent-Disposition: form-data; name="max_objects"\r\n\r\n'
+        f'{max_objects}\r\n--{_BOUNDARY}\r\nContent-Disposition: form-data; name="file"; '
+        f'filename="scene.png"\r\nContent-Type: image/png\r\n\r\n'
+    )
+    return field.encode() + png + f"\r\n--{_BOUNDARY}--\r\n".encode()
 
 
 async def open_loop(url: str, png: bytes, rate: float, duration: float) -> dict:
@@ -202,71 +277,157 @@ async def open_loop(url: str, png: bytes, rate: float, duration: float) -> dict:
 _PNG = {"content-type": "image/png"}
 
 
+def request_cpu_seconds(predictor, png: bytes, objects: int, repeats: int = 5) -> float:
+    """The onnxruntime CPU time of one request of ``objects`` objects: its encoding and its
+    steps at batch 1, on one intra-op thread (onnxruntime runs on the calling thread then,
+    so its thread time is the graphs' arithmetic and nothing else); median of ``repeats``.
+    Decoding, the loop's Python, JSON and HTTP are left out: they count against a server."""
+    image = predictor.prepare(png)
+    features = predictor.encode([image])
+    marks = np.zeros((1, 1, predictor.info.grid, predictor.info.grid), np.float32)
+    times = []
+    for _ in range(repeats + 1):  # the first warms the caches
+        t0 = time.thread_time()
+        features = predictor.encode([image])
+        for _ in range(objects):
+            predictor.step(features, marks)
+        times.append(time.thread_time() - t0)
+    return statistics.median(times[1:])
+
+
+def tree_cpu_seconds(processes: list[psutil.Process]) -> float:
+    """User + system CPU seconds of the given processes (those still alive)."""
+    total = 0.0
+    for proc in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = proc.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def tree_rss_mb(server: ServerProcess) -> float:
+    """The resident memory of a server's processes together, MB."""
+    total = 0
+    for proc in server.processes():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += proc.memory_info().rss
+    return round(total / 2**20, 1)
+
+
 def run_closed_loops(model: str, png: bytes, args: argparse.Namespace) -> list[dict]:
-    """Each load against a server with batching on and one with it off, back to back (the
-    shared machine's load changes slowly, so neighbours in time compare fairly)."""
-    servers = {True: ServerProcess(model), False: ServerProcess(model, "--no-batching")}
+    """Every load against every server of ``args.servers``, one server at a time (peers are
+    alone on the cores, and their memory and CPU are theirs); the order of the servers
+    alternates between rounds, so none always runs first on the shared machine."""
+    from seqops.predictor import Predictor
+
+    predictor = Predictor(model, device="cpu", threads=1)  # the compute bound's yardstick
+    loads = [(f"{c} x {n}", [n] * c) for n in (args.few, args.many) for c in args.concurrency]
+    half = max(args.concurrency) // 2
+    loads.append((f"mixed {half} x {args.few} + {half} x {args.many}",
+                  [args.few] * half + [args.many] * half))  # fmt: skip
+    bodies = {n: form_body(png, n) for n in (args.few, args.many)}
     rows = []
-    try:
-        for server in servers.values():
-            server.wait_ready()
-        loads = [(f"{n} objects", [n] * c) for n in (args.few, args.many) for c in args.concurrency]
-        half = max(args.concurrency) // 2
-        loads.append(("mixed", [args.few] * half + [args.many] * half))
-        for server in servers.values():  # warm-up
-            asyncio.run(closed_loop([f"{server.base}/predict?max_objects=5"] * 2, png, 1.0))
-        for round_ in range(args.rounds):  # alternate the order: no mode always goes first
-            order = list(servers.items())[:: 1 if round_ % 2 == 0 else -1]
-            for name, counts in loads:
-                for batching, server in order:
-                    rows += measure(server, batching, name, counts, png, args.duration)
-    finally:
-        for server in servers.values():
-            server.stop()
+    for round_ in range(args.rounds):
+        for kind in args.servers[:: 1 if round_ % 2 == 0 else -1]:
+            server = ServerProcess(model, kind=kind)
+            try:
+                server.wait_ready()
+                asyncio.run(closed_loop(server.base, [args.few] * 2, bodies, 1.0))  # warm-up
+                for name, counts in loads:
+                    seconds = {n: request_cpu_seconds(predictor, png, n) for n in set(counts)}
+                    rows.append(measure(server, name, counts, bodies, args.duration, seconds))
+            finally:
+                server.stop()
     return aggregate(rows)
 
 
-def measure(server, batching: bool, name: str, counts: list[int], png: bytes, duration: float):
-    """One closed-loop run; a row per kind of request, with the server's mean batch."""
-    urls = [f"{server.base}/predict?max_objects={n}" for n in counts]
-    before = scrape(server.base)
-    results = asyncio.run(closed_loop(urls, png, duration))
-    after = scrape(server.base)
-    steps = after["seqops_step_seconds_count"] - before["seqops_step_seconds_count"]
-    images = after["seqops_batch_size_sum"] - before["seqops_batch_size_sum"]
-    rows = []
-    for url, result in results.items():
-        row = {
-            "batching": batching,
-            "load": name,
-            "objects": int(url.rsplit("=", 1)[1]),
-            "concurrency": len(urls),
-            **result,
-            "mean_batch": round(images / steps, 2) if steps else None,
-        }
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    return rows
+def measure(
+    server: ServerProcess,
+    name: str,
+    counts: list[int],
+    bodies: dict[int, bytes],
+    duration: float,
+    request_s: dict[int, float],
+) -> dict:
+    """One closed-loop run: throughput, latency, the share of the compute bound, the CPU of
+    the server and of the load generator (this process), the server's peak RSS."""
+    seqops = server.kind.startswith("seqops")
+    before = scrape(server.base) if seqops else {}
+    processes = server.processes()
+    cpu_before, own_before = tree_cpu_seconds(processes), _own_cpu_seconds()
+    peak = PeakRSS(lambda: tree_rss_mb(server))
+    t0 = time.perf_counter()
+    results = asyncio.run(closed_loop(server.base, counts, bodies, duration))
+    elapsed = time.perf_counter() - t0
+    rss = peak.stop()
+    pooled = [t for r in results.values() for t in r.pop("latencies")]
+    server_cpu = tree_cpu_seconds(processes) - cpu_before
+    own_cpu = _own_cpu_seconds() - own_before
+    after = scrape(server.base) if seqops else {}
+    steps = after.get("seqops_step_seconds_count", 0) - before.get("seqops_step_seconds_count", 0)
+    images = after.get("seqops_batch_size_sum", 0) - before.get("seqops_batch_size_sum", 0)
+    cores = os.cpu_count() or 1
+    # Each answered request needed its onnxruntime CPU time: that over the cores' time is
+    # the share of the bound reached (for one kind of request, throughput / (cores / t)).
+    used = sum(r["throughput_rps"] * request_s[n] for n, r in results.items())
+    row = {
+        "server": server.kind,
+        "load": name,
+        "clients": len(counts),
+        "throughput_rps": round(sum(r["throughput_rps"] for r in results.values()), 2),
+        "objects_per_s": round(sum(r["objects_per_s"] for r in results.values()), 1),
+        "p50_ms": round(1e3 * percentile(pooled, 50), 1),
+        "p99_ms": round(1e3 * percentile(pooled, 99), 1),
+        "bound_rps": round(cores / _mean_request_s(counts, request_s), 1),
+        "bound_pct": round(100 * used / cores, 1),
+        "rss_peak_mb": rss,
+        "server_cpu_cores": round(server_cpu / elapsed, 2),
+        "loadgen_cpu_cores": round(own_cpu / elapsed, 2),
+        "failed": sum(r["requests"] - r["ok"] for r in results.values()),
+        "mean_batch": round(images / steps, 2) if steps else None,
+        "request_cpu_ms": {n: round(1e3 * s, 2) for n, s in request_s.items()},
+        "kinds": {n: {k: r[k] for k in ("throughput_rps", "objects_per_s", "p50_ms", "p99_ms")}
+                  for n, r in results.items()},
+    }  # fmt: skip
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def _own_cpu_seconds() -> float:
+    """This process's CPU seconds (the load generator's, with its client threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _mean_request_s(counts: list[int], request_s: dict[int, float]) -> float:
+    """The onnxruntime time of the load's average request (its clients in equal turns)."""
+    return statistics.mean(request_s[n] for n in counts)
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
-    """Medians over the rounds of each (mode, load, kind of request)."""
+    """Medians over the rounds of each (server, load)."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        key = (row["batching"], row["load"], row["objects"], row["concurrency"])
-        groups.setdefault(key, []).append(row)
+        groups.setdefault((row["server"], row["load"]), []).append(row)
     merged = []
-    for (batching, load, objects, concurrency), group in groups.items():
-        merged.append({
-            "batching": batching, "load": load, "objects": objects, "concurrency": concurrency,
-            "rounds": len(group),
-            **{k: round(statistics.median(r[k] for r in group), 2)
-               for k in ("throughput_rps", "p50_ms", "p99_ms", "mean_batch")},
-            "failed": sum(r["requests"] - r["ok"] for r in group),
-        })  # fmt: skip
-    return sorted(
-        merged, key=lambda r: (r["load"], r["objects"], r["concurrency"], not r["batching"])
-    )
+    numeric = ("throughput_rps", "objects_per_s", "p50_ms", "p99_ms", "bound_rps", "bound_pct",
+               "rss_peak_mb", "server_cpu_cores", "loadgen_cpu_cores")  # fmt: skip
+    for (server, load), group in groups.items():
+        row = {"server": server, "load": load, "clients": group[0]["clients"],
+               "rounds": len(group)}  # fmt: skip
+        for key in numeric:
+            row[key] = round(statistics.median(r[key] for r in group), 2)
+        batches = [r["mean_batch"] for r in group if r["mean_batch"] is not None]
+        row["mean_batch"] = round(statistics.median(batches), 2) if batches else None
+        row["failed"] = sum(r["failed"] for r in group)
+        row["rss_peak_mb_max"] = max(r["rss_peak_mb"] for r in group)
+        row["kinds"] = {
+            n: {k: round(statistics.median(r["kinds"][n][k] for r in group), 1)
+                for k in group[0]["kinds"][n]}
+            for n in group[0]["kinds"]
+        }  # fmt: skip
+        merged.append(row)
+    return merged
 
 
 def run_overload(model: str, png: bytes, rate: float, objects: int, duration: float) -> dict:
@@ -274,7 +435,7 @@ def run_overload(model: str, png: bytes, rate: float, objects: int, duration: fl
     try:
         server.wait_ready()
         url = f"{server.base}/predict?max_objects={objects}"
-        asyncio.run(closed_loop([url, url], png, 1.0))
+        asyncio.run(closed_loop(server.base, [objects] * 2, {objects: form_body(png, objects)}, 1))
         result = asyncio.run(open_loop(url, png, rate, duration))
     finally:
         server.stop()
@@ -295,16 +456,17 @@ def rss_mb(pid: int) -> float:
 
 
 class PeakRSS:
-    """Samples a process's RSS every 50 ms in a thread; ``peak`` is the largest seen."""
+    """Samples a memory figure (MB; ``sample()``) every 50 ms in a thread; ``peak`` is the
+    largest seen."""
 
-    def __init__(self, pid: int) -> None:
-        self.pid, self.peak, self._stop = pid, rss_mb(pid), threading.Event()
+    def __init__(self, sample: Callable[[], float]) -> None:
+        self.sample, self.peak, self._stop = sample, sample(), threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(0.05):
-            self.peak = max(self.peak, rss_mb(self.pid))
+            self.peak = max(self.peak, self.sample())
 
     def stop(self) -> float:
         self._stop.set()
@@ -378,7 +540,7 @@ def stalled_uploads(server, count: int = 30, hold: float = 8.0) -> dict:
     give up): server RSS before, at its peak, and 12 s after (the server gives freed memory
     back every 10 s); a probe request meanwhile."""
     before = rss_mb(server.proc.pid)
-    peak = PeakRSS(server.proc.pid)
+    peak = PeakRSS(lambda: rss_mb(server.proc.pid))
     chunk = b"\0" * (1 << 20)
     socks = []
     for _ in range(count):
@@ -409,7 +571,7 @@ def big_images(server, concurrent: int = 8) -> dict:
         Image.new("RGB", (6000, 6000), (120, 130, 140)).save(buffer, fmt)
         data = buffer.getvalue()
         before = rss_mb(server.proc.pid)
-        peak = PeakRSS(server.proc.pid)
+        peak = PeakRSS(lambda: rss_mb(server.proc.pid))
 
         async def send_all(data=data, fmt=fmt) -> list[int]:
             async with httpx.AsyncClient(timeout=120) as client:
@@ -455,8 +617,10 @@ def run_hostile(model: str, png: bytes, duration: float, many: int) -> dict:
     try:
         server.wait_ready()
         url = f"{server.base}/predict?max_objects={many}"
-        asyncio.run(closed_loop([url, url], png, 1.0))  # warm-up
-        at_capacity = asyncio.run(closed_loop([url] * 64, png, duration))[url]
+        bodies = {many: form_body(png, many)}
+        asyncio.run(closed_loop(server.base, [many] * 2, bodies, 1.0))  # warm-up
+        at_capacity = asyncio.run(closed_loop(server.base, [many] * 64, bodies, duration))[many]
+        at_capacity.pop("latencies")
         report["capacity_64_clients"] = at_capacity
         for honour in (True, False):
             name = f"retry_128_clients_{'honour' if honour else 'ignore'}"
@@ -473,18 +637,35 @@ def run_hostile(model: str, png: bytes, duration: float, many: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    """The closed-loop results as a markdown table."""
+    """The closed-loop results as a markdown table: a row per load and server (and, for a
+    mixed load, a row per kind of request beneath)."""
     lines = [
-        "| batching | load | clients | objects | req/s | p50 ms | p99 ms | mean batch |",
-        "|---|---|---|---|---|---|---|---|",
+        "| load | server | req/s | objects/s | p50 ms | p99 ms | RSS MB | % of bound "
+        "| server CPU | load gen. CPU | mean batch |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (_load_order(r["load"]), r["server"])):
         lines.append(
-            f"| {'on' if r['batching'] else 'off'} | {r['load']} | {r['concurrency']} | "
-            f"{r['objects']} | {r['throughput_rps']} | {r['p50_ms']} | {r['p99_ms']} | "
-            f"{r['mean_batch']} |"
+            f"| {r['load']} | {r['server']} | {r['throughput_rps']} | {r['objects_per_s']} | "
+            f"{r['p50_ms']} | {r['p99_ms']} | {r['rss_peak_mb']} | {r['bound_pct']}% "
+            f"(of {r['bound_rps']}/s) | {r['server_cpu_cores']} | {r['loadgen_cpu_cores']} | "
+            f"{r['mean_batch'] if r['mean_batch'] is not None else ''} |"
         )
+        if len(r["kinds"]) > 1:
+            for n, k in sorted(r["kinds"].items()):
+                lines.append(
+                    f"| ... {n}-object requests | {r['server']} | {k['throughput_rps']} | "
+                    f"{k['objects_per_s']} | {k['p50_ms']} | {k['p99_ms']} | | | | | |"
+                )
     return "\n".join(lines)
+
+
+def _load_order(load: str) -> tuple:
+    """Loads in the order they run: by objects, then clients; the mixed load last."""
+    if load.startswith("mixed"):
+        return (1, 0, 0)
+    clients, objects = (int(x) for x in load.split(" x "))
+    return (0, objects, clients)
 
 
 def machine() -> dict:
@@ -511,6 +692,24 @@ def hostile_main(args: argparse.Namespace) -> None:
     print(f"machine: {report['machine']}; model: {report['model']}")
 
 
+def compare(rows: list[dict], against: str) -> list[str]:
+    """seqops (batching on) against another server, load by load: throughput and objects/s
+    as ratios, p99 side by side."""
+    ours = {r["load"]: r for r in rows if r["server"] == "seqops"}
+    lines = []
+    for other in (r for r in rows if r["server"] == against and r["throughput_rps"]):
+        r = ours.get(other["load"])
+        if r is None or not other["objects_per_s"]:
+            continue
+        lines.append(
+            f"seqops / {against}, {other['load']}:"
+            f" req/s {r['throughput_rps'] / other['throughput_rps']:.2f}x,"
+            f" objects/s {r['objects_per_s'] / other['objects_per_s']:.2f}x,"
+            f" p99 {r['p99_ms']} vs {other['p99_ms']} ms"
+        )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="model directory (default: a random-init export)")
@@ -520,11 +719,21 @@ def main() -> None:
     parser.add_argument("--many", type=int, default=50, help="objects per image, 'many'")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--duration", type=float, default=6.0, help="seconds per run")
-    parser.add_argument("--rounds", type=int, default=2, help="runs per load and mode (median)")
+    parser.add_argument("--rounds", type=int, default=2, help="runs per load and server (median)")
+    parser.add_argument(
+        "--servers", nargs="+", default=["seqops", "seqops-off"], choices=sorted(SERVERS),
+        help="servers to load: seqops (batching on), seqops-off, seqops-2w (2 workers x 1"
+        " thread), seqops-1t (1 thread), seqops-h11 (h11 + asyncio), and the peers plain,"
+        " litserve (benchmarks/peers/)",
+    )  # fmt: skip
+    parser.add_argument("--peer", nargs="+", default=[], choices=sorted(set(SERVERS) - {"seqops"}),
+                        help="servers added to --servers")  # fmt: skip
+    parser.add_argument("--no-overload", action="store_true", help="skip the open-loop overload")
     parser.add_argument("--out", type=Path, help="write the results as JSON")
     parser.add_argument("--hostile", action="store_true", help="the careless-client scenarios")
     parser.add_argument("--hostile-only", action="store_true", help="only those")
     args = parser.parse_args()
+    args.servers += [p for p in args.peer if p not in args.servers]
     if args.hostile_only:
         return hostile_main(args)
 
@@ -534,11 +743,11 @@ def main() -> None:
         )
         png = scene_png(args.image_size)
         rows = run_closed_loops(model, png, args)
-        top = max(
-            (r for r in rows if r["batching"] and r["load"] == f"{args.many} objects"),
-            key=lambda r: r["throughput_rps"],
-        )
-        overload = run_overload(model, png, 2 * top["throughput_rps"], args.many, args.duration)
+        overload = None
+        many = [r for r in rows if r["server"] == "seqops" and r["load"].endswith(f"x {args.many}")]
+        if many and not args.no_overload:
+            top = max(r["throughput_rps"] for r in many)
+            overload = run_overload(model, png, 2 * top, args.many, args.duration)
         hostile = run_hostile(model, png, args.duration, args.many) if args.hostile else None
     report = {
         "machine": machine(),
@@ -548,18 +757,15 @@ def main() -> None:
         "hostile": hostile,
     }
     print(table(rows))
-    print(json.dumps(overload, indent=2))
-    on = {(r["load"], r["objects"], r["concurrency"]): r for r in rows if r["batching"]}
-    for off in (r for r in rows if not r["batching"] and r["throughput_rps"]):
-        r = on[(off["load"], off["objects"], off["concurrency"])]
-        print(
-            f"batching on/off, {off['load']} ({off['objects']} objects), {off['concurrency']}"
-            f" clients: throughput {r['throughput_rps'] / off['throughput_rps']:.2f}x,"
-            f" p50 {r['p50_ms']} vs {off['p50_ms']} ms"
-        )
+    if overload:
+        print(json.dumps(overload, indent=2))
+    for other in args.servers:
+        if other != "seqops":
+            print("\n".join(compare(rows, other)))
     if args.out:
         atomic_write_json(args.out, report)
     print(f"machine: {report['machine']}; model: {report['model']}")
+    print("the load generator is this process, on the same cores (its CPU: load gen. CPU)")
 
 
 if __name__ == "__main__":
