@@ -121,6 +121,8 @@ class ServerProcess:
         self.kind = kind
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
+        kind, _, extra = kind.partition(":")  # "seqops:--encode-share=1,--run-batch=8"
+        args = (*[a for a in extra.split(",") if a], *args)
         template, self.ready_path = SERVERS[kind]
         command = [sys.executable, *(a.format(model=model, port=self.port) for a in template)]
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
@@ -710,6 +712,13 @@ def compare(rows: list[dict], against: str) -> list[str]:
     return lines
 
 
+def _server_name(name: str) -> str:
+    """A --servers entry: a name of SERVERS, optionally ``:`` and arguments."""
+    if name.partition(":")[0] not in SERVERS:
+        raise argparse.ArgumentTypeError(f"{name}: not one of {sorted(SERVERS)}")
+    return name
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="model directory (default: a random-init export)")
@@ -721,10 +730,11 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=6.0, help="seconds per run")
     parser.add_argument("--rounds", type=int, default=2, help="runs per load and server (median)")
     parser.add_argument(
-        "--servers", nargs="+", default=["seqops", "seqops-off"], choices=sorted(SERVERS),
+        "--servers", nargs="+", default=["seqops", "seqops-off"], type=_server_name,
         help="servers to load: seqops (batching on), seqops-off, seqops-2w (2 workers x 1"
         " thread), seqops-1t (1 thread), seqops-h11 (h11 + asyncio), and the peers plain,"
-        " litserve (benchmarks/peers/)",
+        " litserve (benchmarks/peers/); NAME:ARG,ARG adds arguments to its command line"
+        " (seqops:--encode-share=1)",
     )  # fmt: skip
     parser.add_argument("--peer", nargs="+", default=[], choices=sorted(set(SERVERS) - {"seqops"}),
                         help="servers added to --servers")  # fmt: skip

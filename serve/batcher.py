@@ -2,10 +2,16 @@
 
 One asyncio task owns the predictor. Requests are admitted (or refused at once when the
 queue is full), decoded elsewhere, and submitted as :class:`Job` s. Each turn of the loop
-encodes newcomers (a batch of up to ``run_batch``) and then steps every active image once,
+encodes newcomers (a batch of up to ``run_batch``) and then steps the active images once,
 in runs of ``run_batch`` images, so images join and leave between steps: a request with 3
 objects does not wait for one with 300. The onnxruntime calls run in a dedicated thread
 so the event loop keeps answering health checks, admitting requests and streaming points.
+
+Which images step in a turn is a fair share of the compute: each request is charged the
+steps it took plus a share (``encode_share``) of its encoding, counted in steps (the
+measured encode/step cost), and a turn steps the requests charged least. Stepping every
+image every turn instead made a short request's encoding free: on a mixed load the short
+requests took most of the cores and the long ones, which count most objects, waited.
 """
 
 from __future__ import annotations
@@ -77,6 +83,7 @@ class Job:
     encode_s: float = 0.0
     rollout: Rollout | None = None  # once encoded
     sent: int = 0  # points already pushed to ``stream``
+    charge: float = 0.0  # compute used, in steps (its encoding's share + its steps): fair share
 
 
 def points_to_original(points_norm: Sequence, image: PreparedImage, size: int) -> np.ndarray:
@@ -94,11 +101,14 @@ class StepBatcher:
         max_queue: requests admitted but not yet stepping, beyond the loop's free places;
             beyond it :class:`QueueFullError`.
         metrics: where step/encode/batch/queue observations go.
-        run_batch: images per onnxruntime run. A turn encodes the newcomers and steps every
-            active image, in runs of this many. On a CPU a step's
+        run_batch: images per onnxruntime run. A turn encodes the newcomers and steps the
+            active images due, in runs of this many. On a CPU a step's
             working set outgrows the caches beyond a few images (grid 48: ~150 kB per image
             per activation), so large runs cost more per image than small ones; a GPU
             wants large runs.
+        encode_share: the share of an encoding's cost a request is charged (1: as many
+            steps as an encoding costs, measured; 0: nothing, every active image steps
+            every turn). A request steps when it is charged least, within one step.
     """
 
     def __init__(
@@ -108,6 +118,7 @@ class StepBatcher:
         max_queue: int,
         metrics: ServeMetrics,
         run_batch: int = 4,
+        encode_share: float = 0.5,
     ) -> None:
         self.predictor = predictor
         self.max_active = max_active
@@ -123,6 +134,10 @@ class StepBatcher:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="seqops-onnx")
         self._run_features: dict[tuple[Job, ...], np.ndarray] = {}  # worker thread only
         self._request_s = 0.05  # moving average of a request's time, for Retry-After
+        self.encode_share = encode_share
+        # An encoding's cost in steps (per image; moving average of the turns that had both):
+        # ~10 for the tiny preset at 384 on a CPU, the start value until measured.
+        self._encode_steps = 10.0
 
     # -- admission ---------------------------------------------------------------------
 
@@ -214,9 +229,10 @@ class StepBatcher:
                 job.started = started
                 self.metrics.queue_seconds.observe(started - job.submitted)
             jobs = self._active + newcomers
+            due = self._due(newcomers, jobs)
             try:
                 finished, encode_s, step_s = await loop.run_in_executor(
-                    self._executor, self._turn, newcomers, jobs
+                    self._executor, self._turn, newcomers, due
                 )
             except Exception as exc:  # a failed run fails its requests, not the server
                 log.exception("step run failed for %d request(s)", len(jobs))
@@ -226,23 +242,41 @@ class StepBatcher:
                 continue
             if newcomers:
                 self.metrics.encode_seconds.observe(encode_s)
+                if due:  # both costs measured in the same turn, under the same load
+                    per_step = step_s / len(due)
+                    ratio = encode_s / len(newcomers) / max(per_step, 1e-6)
+                    self._encode_steps = 0.8 * self._encode_steps + 0.2 * ratio
             self.metrics.step_seconds.observe(step_s)
-            self.metrics.batch_size.observe(len(jobs))
+            self.metrics.batch_size.observe(len(due))
+            done_jobs = {job for job, done in zip(due, finished, strict=True) if done}
             self._active = []
-            for job, done in zip(jobs, finished, strict=True):
+            for job in jobs:
                 try:
-                    self._push_points(job)
-                    if done:
+                    if job in done_jobs:
+                        self._push_points(job)
                         self._resolve(job)
                     elif not job.future.done():
+                        self._push_points(job)
                         self._active.append(job)
                 except Exception as exc:  # one request's bad luck must not stop the loop
                     log.exception("finishing a request failed")
                     _fail(job, exc)
 
+    def _due(self, newcomers: list[Job], jobs: list[Job]) -> list[Job]:
+        """The jobs that step this turn: those charged least (within one step). A newcomer
+        starts at the least charge of the jobs already looping, plus its encoding's share,
+        so it neither jumps the queue with a clean slate nor waits for work done before it
+        came; on an idle server it steps at once."""
+        charges = [job.charge for job in self._active]
+        start = min(charges) if charges else 0.0
+        for job in newcomers:
+            job.charge = start + self.encode_share * self._encode_steps
+        least = min(job.charge for job in jobs)
+        return [job for job in jobs if job.charge < least + 1.0]
+
     def _turn(self, newcomers: list[Job], jobs: list[Job]) -> tuple[list[bool], float, float]:
-        """Worker thread: encode the newcomers, then one step of every job (in runs of
-        ``run_batch`` images)."""
+        """Worker thread: encode the newcomers, then one step of each job in ``jobs`` (in
+        runs of ``run_batch`` images)."""
         predictor = self.predictor
         info = predictor.info
         t0 = time.perf_counter()
@@ -273,6 +307,8 @@ class StepBatcher:
                 job.rollout.advance(xy[i], done[i], job.threshold, job.max_objects)
                 for i, job in enumerate(run)
             ]
+            for job in run:
+                job.charge += 1.0
             if not any(run_finished):
                 kept[run] = features
             finished += run_finished

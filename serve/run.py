@@ -35,6 +35,10 @@ SETTINGS_FLAGS = {
     "--threads": ("threads", int, "onnxruntime threads; 0: cores / workers"),
     "--max-active": ("max_active", int, "images looping together"),
     "--run-batch": ("run_batch", int, "images per onnxruntime run; 0: 4 CPU, 64 CUDA"),
+    "--encode-share": (
+        "encode_share", float,
+        "share of an encoding charged to a request, in steps (fair share; 0: short first)",
+    ),
     "--max-queue": ("max_queue", int, "waiting requests before 429"),
     "--queue-full-status": ("queue_full_status", int, "429 or 503, when the queue is full"),
     "--deadline": ("deadline_s", float, "default request deadline, s"),

@@ -158,7 +158,7 @@ class Service:
             s = self.settings
             run_batch = s.run_batch or (64 if "CUDA" in self.predictor.provider else 4)
             self.batcher = StepBatcher(
-                self.predictor, s.max_active, s.max_queue, self.metrics, run_batch
+                self.predictor, s.max_active, s.max_queue, self.metrics, run_batch, s.encode_share
             )
             self.batcher.start()
             self._trimmer = asyncio.create_task(self._trim_memory(), name="seqops-trim")

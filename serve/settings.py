@@ -35,6 +35,10 @@ class ServeSettings(BaseModel):
     # time), stepped in onnxruntime runs of run_batch images (0: 4 on CPU, 64 on CUDA).
     max_active: int = Field(32, ge=1, le=1024)
     run_batch: int = Field(0, ge=0, le=1024)
+    # Fair share: a request is charged this share of its encoding (in steps) besides its
+    # steps, and the least charged step first; 0: every image steps every turn (short
+    # requests first), 1: equal compute per request (serve/batcher.py).
+    encode_share: float = Field(0.5, ge=0, le=1)
     # Requests admitted but not yet stepping (decoding + waiting); beyond it: 429.
     max_queue: int = Field(32, ge=1)
     queue_full_status: int = 429  # or 503, for clients that only retry on 503

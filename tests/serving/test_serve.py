@@ -376,12 +376,12 @@ def test_deadline_answers_504(client):
     assert response.status_code == 504 and "deadline" in response.json()["detail"]
 
 
-def run_batcher(predictor, jobs_spec, max_active=16, run_batch=16):
+def run_batcher(predictor, jobs_spec, max_active=16, run_batch=16, encode_share=0.5):
     """Submit jobs concurrently to a fresh batcher; returns results and the metrics."""
 
     async def main():
         metrics = ServeMetrics()
-        batcher = StepBatcher(predictor, max_active, 64, metrics, run_batch)
+        batcher = StepBatcher(predictor, max_active, 64, metrics, run_batch, encode_share)
         batcher.start()
         futures = []
         for png, max_objects, deadline_s in jobs_spec:
@@ -438,6 +438,69 @@ def test_deadline_stops_the_loop_between_steps(predictor):
     found = int(str(results[0]).split("after ")[1].split()[0])
     assert 0 < found < 100_000  # stopped mid-loop, not before the first step
     assert results[1].count == 2  # its neighbour in the batch was not disturbed
+
+
+def test_fair_share_a_newcomer_is_charged_its_encoding_before_it_steps():
+    """A long loop charged 10 steps; a newcomer starts at 10 plus half an encoding (4
+    steps): it sits out two turns while the long loop catches up, then both step."""
+
+    async def main():
+        batcher = StepBatcher(None, 8, 8, ServeMetrics(), 4, encode_share=0.5)
+        batcher._encode_steps = 4.0
+        long_job = Job(None, 0.5, 50, 1e12, charge=10.0)
+        newcomer = Job(None, 0.5, 5, 1e12)
+        batcher._active = [long_job]
+        turns = [batcher._due([newcomer], [long_job, newcomer])]
+        batcher._active = [long_job, newcomer]
+        for _ in range(3):
+            for job in turns[-1]:
+                job.charge += 1.0  # what a turn's step charges
+            turns.append(batcher._due([], batcher._active))
+        return turns, long_job, newcomer
+
+    turns, long_job, newcomer = asyncio.run(main())
+    assert newcomer.charge >= 12.0
+    assert turns == [[long_job], [long_job], [long_job, newcomer], [long_job, newcomer]]
+
+
+def test_fair_share_on_an_idle_server_a_request_steps_at_once():
+    async def main():
+        batcher = StepBatcher(None, 8, 8, ServeMetrics(), 4, encode_share=1.0)
+        job = Job(None, 0.5, 5, 1e12)
+        return batcher._due([job], [job]) == [job]
+
+    assert asyncio.run(main())
+
+
+@pytest.mark.parametrize("encode_share", [0.0, 1.0])
+def test_a_short_request_joining_a_long_loop_gets_its_answer_first(predictor, encode_share):
+    """Whatever the share, a 3-object request sent while a 400-object loop runs is answered
+    long before it (it is not queued behind it), and both get the predictor's answer."""
+
+    async def main():
+        batcher = StepBatcher(predictor, 8, 8, ServeMetrics(), 4, encode_share)
+        batcher.start()
+        finished = []
+
+        async def count(png, n):
+            batcher.admit()
+            job = Job(predictor.prepare(png), 0.5, n, time.monotonic() + 60)
+            prediction = await batcher.submit(job)
+            finished.append(n)
+            return prediction
+
+        long_task = asyncio.create_task(count(make_png(96, 64, seed=1), 400))
+        await asyncio.sleep(0.05)  # the long loop is stepping
+        short = await count(PNG, 3)
+        result = await long_task
+        await batcher.close()
+        return finished, short, result
+
+    finished, short, result = asyncio.run(main())
+    assert finished == [3, 400]
+    assert np.allclose(short.points, expected(predictor, max_objects=3).points, atol=0.02)
+    want = expected(predictor, make_png(96, 64, seed=1), max_objects=400)
+    assert result.count == 400 and np.allclose(result.points, want.points, atol=0.02)
 
 
 def test_admission_is_bounded():

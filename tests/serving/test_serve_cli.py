@@ -23,6 +23,13 @@ def test_flags_reach_the_settings():
     assert settings.max_body_bytes == 2 * 1024 * 1024 and settings.model_version == "3"
 
 
+def test_encode_share_reaches_the_settings_and_a_bad_one_is_named():
+    args = build_parser().parse_args(["--encode-share", "1"])
+    assert settings_from_args(args, "m", None).encode_share == 1.0
+    with pytest.raises(ValueError, match="encode_share"):
+        settings_from_args(build_parser().parse_args(["--encode-share", "2"]), "m", None)
+
+
 def test_seqops_serve_passes_its_arguments_to_the_service(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["serve", "--help"])

@@ -62,6 +62,26 @@ def test_plain_http_endpoints(server):
     assert httpx.get(f"{server.base}/openapi.json").json()["info"]["title"] == "seqops"
 
 
+def test_short_requests_beside_a_long_loop_are_answered_first(server):
+    """The real server's fair share: 3-object requests sent while a 1000-object loop runs
+    come back before it, every count right."""
+
+    def count(n: int) -> tuple[int, float]:
+        response = httpx.post(f"{server.base}/predict?max_objects={n}", content=PNG,
+                              headers={"content-type": "image/png"}, timeout=60)  # fmt: skip
+        assert response.status_code == 200, response.text
+        return response.json()["count"], time.monotonic()
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(4) as pool:
+        long_loop = pool.submit(count, 1000)
+        time.sleep(0.05)
+        shorts = [pool.submit(count, 3) for _ in range(3)]
+        (long_count, long_done), answers = long_loop.result(), [f.result() for f in shorts]
+    assert long_count == 1000 and [n for n, _ in answers] == [3, 3, 3]
+    assert all(done < long_done for _, done in answers), (long_done - start, answers)
+
+
 def test_kserve_with_tritonclient(server):
     client = triton.InferenceServerClient(f"127.0.0.1:{server.port}")
     assert client.is_server_live() and client.is_server_ready()
