@@ -109,6 +109,7 @@ class StepBatcher:
         encode_share: the share of an encoding's cost a request is charged (1: as many
             steps as an encoding costs, measured; 0: nothing, every active image steps
             every turn). A request steps when it is charged least, within one step.
+        run_threads: onnxruntime runs of a turn that go at once (each in its own thread).
     """
 
     def __init__(
@@ -119,6 +120,7 @@ class StepBatcher:
         metrics: ServeMetrics,
         run_batch: int = 4,
         encode_share: float = 0.5,
+        run_threads: int = 1,
     ) -> None:
         self.predictor = predictor
         self.max_active = max_active
@@ -132,6 +134,13 @@ class StepBatcher:
         self._closing = False
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="seqops-onnx")
+        # Runs side by side, each on one onnxruntime thread (the predictor's own threads
+        # parallelise inside an operator instead; on a small step graph that costs syncs).
+        self._run_pool = (
+            ThreadPoolExecutor(run_threads, thread_name_prefix="seqops-run")
+            if run_threads > 1
+            else None
+        )
         self._run_features: dict[tuple[Job, ...], np.ndarray] = {}  # worker thread only
         self._request_s = 0.05  # moving average of a request's time, for Retry-After
         self.encode_share = encode_share
@@ -201,6 +210,8 @@ class StepBatcher:
         for job in [*self._waiting, *self._active]:
             _fail(job, ShuttingDownError("server stopped before the request finished"))
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._run_pool is not None:
+            self._run_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -276,44 +287,56 @@ class StepBatcher:
 
     def _turn(self, newcomers: list[Job], jobs: list[Job]) -> tuple[list[bool], float, float]:
         """Worker thread: encode the newcomers, then one step of each job in ``jobs`` (in
-        runs of ``run_batch`` images)."""
-        predictor = self.predictor
-        info = predictor.info
+        runs of ``run_batch`` images; ``run_threads`` runs at a time)."""
         t0 = time.perf_counter()
-        for start in range(0, len(newcomers), self.run_batch):
-            run = newcomers[start : start + self.run_batch]
-            features = predictor.encode([job.image for job in run])
-            for job, job_features in zip(run, features, strict=True):
-                job.rollout = Rollout.start(
-                    info.grid, info.mark_sigma, job.initial_points,
-                    image=job.image, features=job_features,
-                )  # fmt: skip
-                job.sent = len(job.initial_points)
+        self._map(self._encode_run, _chunks(newcomers, self.run_batch))
         t1 = time.perf_counter()
         for job in newcomers:
             job.encode_s = t1 - t0
+        runs = [tuple(run) for run in _chunks(jobs, self.run_batch)]
         finished = []
         # A run whose images are the same as last turn's reuses its stacked features (as
         # Predictor.predict does): only the marks change between steps.
         kept = {}
-        for start in range(0, len(jobs), self.run_batch):
-            run = tuple(jobs[start : start + self.run_batch])
-            features = self._run_features.get(run)
-            if features is None:
-                features = np.stack([job.rollout.features for job in run])
-            marks = np.stack([job.rollout.marks for job in run])
-            xy, done = predictor.step(features, marks)
-            run_finished = [
-                job.rollout.advance(xy[i], done[i], job.threshold, job.max_objects)
-                for i, job in enumerate(run)
-            ]
-            for job in run:
-                job.charge += 1.0
+        stepped = self._map(self._step_run, runs)
+        for run, (run_finished, features) in zip(runs, stepped, strict=True):
             if not any(run_finished):
                 kept[run] = features
             finished += run_finished
         self._run_features = kept
         return finished, t1 - t0, time.perf_counter() - t1
+
+    def _map(self, fn, runs: list) -> list:
+        """``fn`` over the runs: in the run threads when there are several runs, else here."""
+        if self._run_pool is None or len(runs) < 2:
+            return [fn(run) for run in runs]
+        return list(self._run_pool.map(fn, runs))
+
+    def _encode_run(self, run: Sequence[Job]) -> None:
+        """Encode a run of newcomers and start their rollouts."""
+        info = self.predictor.info
+        features = self.predictor.encode([job.image for job in run])
+        for job, job_features in zip(run, features, strict=True):
+            job.rollout = Rollout.start(
+                info.grid, info.mark_sigma, job.initial_points,
+                image=job.image, features=job_features,
+            )  # fmt: skip
+            job.sent = len(job.initial_points)
+
+    def _step_run(self, run: tuple[Job, ...]) -> tuple[list[bool], np.ndarray]:
+        """One step of a run of jobs: which finished, and the run's stacked features."""
+        features = self._run_features.get(run)
+        if features is None:
+            features = np.stack([job.rollout.features for job in run])
+        marks = np.stack([job.rollout.marks for job in run])
+        xy, done = self.predictor.step(features, marks)
+        run_finished = [
+            job.rollout.advance(xy[i], done[i], job.threshold, job.max_objects)
+            for i, job in enumerate(run)
+        ]
+        for job in run:
+            job.charge += 1.0
+        return run_finished, features
 
     def _drop_expired(self) -> None:
         """Between steps: stop the loops whose deadline passed or whose client left."""
@@ -395,6 +418,11 @@ class StepBatcher:
         job.future.set_result(self.predictor.finish(job.rollout, timings))
         if job.stream is not None:
             job.stream.put_nowait(None)
+
+
+def _chunks(items: Sequence, size: int) -> list:
+    """``items`` in consecutive slices of ``size``."""
+    return [items[start : start + size] for start in range(0, len(items), size)]
 
 
 def _fail(job: Job, exc: BaseException) -> None:

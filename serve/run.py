@@ -32,13 +32,14 @@ def resolve_model(given: str | None) -> tuple[str, str | None]:
 SETTINGS_FLAGS = {
     "--workers": ("workers", int, "server processes"),
     "--device": ("device", str, "auto (CUDA only where it really works) | cpu | cuda"),
-    "--threads": ("threads", int, "onnxruntime threads; 0: cores / workers"),
+    "--threads": ("threads", int, "onnxruntime threads; 0: cores / workers / run threads"),
     "--max-active": ("max_active", int, "images looping together"),
     "--run-batch": ("run_batch", int, "images per onnxruntime run; 0: 4 CPU, 64 CUDA"),
     "--encode-share": (
         "encode_share", float,
         "share of an encoding charged to a request, in steps (fair share; 0: short first)",
     ),
+    "--run-threads": ("run_threads", int, "onnxruntime runs at once, one thread each"),
     "--max-queue": ("max_queue", int, "waiting requests before 429"),
     "--queue-full-status": ("queue_full_status", int, "429 or 503, when the queue is full"),
     "--deadline": ("deadline_s", float, "default request deadline, s"),

@@ -158,18 +158,22 @@ class Service:
             s = self.settings
             run_batch = s.run_batch or (64 if "CUDA" in self.predictor.provider else 4)
             self.batcher = StepBatcher(
-                self.predictor, s.max_active, s.max_queue, self.metrics, run_batch, s.encode_share
-            )
+                self.predictor, s.max_active, s.max_queue, self.metrics, run_batch,
+                s.encode_share, s.run_threads,
+            )  # fmt: skip
             self.batcher.start()
             self._trimmer = asyncio.create_task(self._trim_memory(), name="seqops-trim")
             log.info(
-                "ready: %s v%s on %s, batching %s (max_active=%d, run_batch=%d, max_queue=%d)",
+                "ready: %s v%s on %s, batching %s (max_active=%d, run_batch=%d, run_threads=%d,"
+                " encode_share=%g, max_queue=%d)",
                 info.name,
                 self.version,
                 self.predictor.provider,
                 "on" if s.batching else "off",
                 s.max_active,
                 self.batcher.run_batch,
+                s.run_threads,
+                s.encode_share,
                 s.max_queue,
             )
         except Exception as exc:
@@ -181,7 +185,8 @@ class Service:
         s = self.settings
         kwargs: dict[str, Any] = {
             "device": s.device,
-            "threads": s.threads or default_threads(s.workers),
+            # The cores, shared among the workers and each worker's parallel runs.
+            "threads": s.threads or default_threads(s.workers * s.run_threads),
             "spin": s.spin,
             "warmup": True,
         }

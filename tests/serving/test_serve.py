@@ -376,12 +376,14 @@ def test_deadline_answers_504(client):
     assert response.status_code == 504 and "deadline" in response.json()["detail"]
 
 
-def run_batcher(predictor, jobs_spec, max_active=16, run_batch=16, encode_share=0.5):
+def run_batcher(predictor, jobs_spec, max_active=16, run_batch=16, encode_share=0.5, run_threads=1):
     """Submit jobs concurrently to a fresh batcher; returns results and the metrics."""
 
     async def main():
         metrics = ServeMetrics()
-        batcher = StepBatcher(predictor, max_active, 64, metrics, run_batch, encode_share)
+        batcher = StepBatcher(
+            predictor, max_active, 64, metrics, run_batch, encode_share, run_threads
+        )
         batcher.start()
         futures = []
         for png, max_objects, deadline_s in jobs_spec:
@@ -423,6 +425,18 @@ def test_runs_of_run_batch_images_give_the_same_answers(predictor):
     assert registry.get_sample_value("seqops_encode_seconds_count") == 1
     assert registry.get_sample_value("seqops_step_seconds_count") == 4
     assert registry.get_sample_value("seqops_batch_size_sum") == 16  # all four, every turn
+
+
+def test_runs_side_by_side_give_the_same_answers(predictor):
+    """Two run threads: runs of 2 images encoded and stepped at once, same points."""
+    pngs = [make_png(96, 64, seed=s) for s in range(5)]
+    counts = [4, 2, 6, 1, 3]
+    specs = [(p, n, 30.0) for p, n in zip(pngs, counts, strict=True)]
+    results, metrics = run_batcher(predictor, specs, run_batch=2, run_threads=2)
+    for png, n, got in zip(pngs, counts, results, strict=True):
+        want = expected(predictor, png, max_objects=n)
+        assert got.count == n and np.allclose(got.points, want.points, atol=0.02)
+    assert metrics.registry.get_sample_value("seqops_step_seconds_count") == 6
 
 
 def test_batching_off_runs_one_request_at_a_time(predictor):

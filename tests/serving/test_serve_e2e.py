@@ -82,6 +82,28 @@ def test_short_requests_beside_a_long_loop_are_answered_first(server):
     assert all(done < long_done for _, done in answers), (long_done - start, answers)
 
 
+def test_parallel_runs_answer_what_one_run_at_a_time_does(server, model_dir, tmp_path):
+    """`--threads 1 --run-threads 2`: a turn's runs go two at a time; six concurrent
+    requests get the same points as from the default server."""
+
+    def points(base: str, seed: int) -> list:
+        response = httpx.post(f"{base}/predict?max_objects={seed + 2}", timeout=60,
+                              content=make_png(96, 64, seed=seed),
+                              headers={"content-type": "image/png"})  # fmt: skip
+        assert response.status_code == 200, response.text
+        return response.json()["points"]
+
+    args = ("--threads", "1", "--run-threads", "2", "--run-batch", "1")
+    with Server(model_dir, tmp_path / "server.log", *args) as parallel:
+        with ThreadPoolExecutor(6) as pool:
+            got = list(pool.map(lambda seed: points(parallel.base, seed), range(6)))
+        log = parallel.output()
+    for seed, found in enumerate(got):
+        assert len(found) == seed + 2
+        assert np.allclose(found, points(server.base, seed), atol=0.02)
+    assert "run_batch=1, run_threads=2" in log
+
+
 def test_kserve_with_tritonclient(server):
     client = triton.InferenceServerClient(f"127.0.0.1:{server.port}")
     assert client.is_server_live() and client.is_server_ready()
