@@ -325,8 +325,9 @@ def run_closed_loops(model: str, png: bytes, args: argparse.Namespace) -> list[d
     predictor = Predictor(model, device="cpu", threads=1)  # the compute bound's yardstick
     loads = [(f"{c} x {n}", [n] * c) for n in (args.few, args.many) for c in args.concurrency]
     half = max(args.concurrency) // 2
-    loads.append((f"mixed {half} x {args.few} + {half} x {args.many}",
-                  [args.few] * half + [args.many] * half))  # fmt: skip
+    if half:  # the mixed load: half the clients few objects, half many
+        loads.append((f"mixed {half} x {args.few} + {half} x {args.many}",
+                      [args.few] * half + [args.many] * half))  # fmt: skip
     bodies = {n: form_body(png, n) for n in (args.few, args.many)}
     rows = []
     for round_ in range(args.rounds):

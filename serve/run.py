@@ -39,7 +39,9 @@ SETTINGS_FLAGS = {
         "encode_share", float,
         "share of an encoding charged to a request, in steps (fair share; 0: short first)",
     ),
-    "--run-threads": ("run_threads", int, "onnxruntime runs at once, one thread each"),
+    "--run-threads": (
+        "run_threads", int, "onnxruntime runs at once; 0: cores / workers on CPU, 1 on CUDA"
+    ),
     "--max-queue": ("max_queue", int, "waiting requests before 429"),
     "--queue-full-status": ("queue_full_status", int, "429 or 503, when the queue is full"),
     "--deadline": ("deadline_s", float, "default request deadline, s"),

@@ -29,6 +29,7 @@ from seqops.predictor import (
     Predictor,
     PredictorError,
     PreparedImage,
+    cuda_usable,
     default_threads,
 )
 from serve.batcher import (
@@ -159,7 +160,7 @@ class Service:
             run_batch = s.run_batch or (64 if "CUDA" in self.predictor.provider else 4)
             self.batcher = StepBatcher(
                 self.predictor, s.max_active, s.max_queue, self.metrics, run_batch,
-                s.encode_share, s.run_threads,
+                s.encode_share, self.run_threads(),
             )  # fmt: skip
             self.batcher.start()
             self._trimmer = asyncio.create_task(self._trim_memory(), name="seqops-trim")
@@ -172,7 +173,7 @@ class Service:
                 "on" if s.batching else "off",
                 s.max_active,
                 self.batcher.run_batch,
-                s.run_threads,
+                self.run_threads(),
                 s.encode_share,
                 s.max_queue,
             )
@@ -186,13 +187,24 @@ class Service:
         kwargs: dict[str, Any] = {
             "device": s.device,
             # The cores, shared among the workers and each worker's parallel runs.
-            "threads": s.threads or default_threads(s.workers * s.run_threads),
+            "threads": s.threads or default_threads(s.workers * self.run_threads()),
             "spin": s.spin,
             "warmup": True,
         }
         if s.model_version is not None:  # the CLI resolved the URI already
             return Predictor(s.model, version=s.model_version, **kwargs)
         return Predictor.load(s.model, **kwargs)
+
+    def run_threads(self) -> int:
+        """onnxruntime runs at once: as set, else the cores of this worker on a CPU (each
+        run on one of them: the step graph is too small to split an operator over threads
+        without waiting on their syncs), one on CUDA (a GPU wants big runs instead)."""
+        s = self.settings
+        if s.run_threads:
+            return s.run_threads
+        if s.device == "cuda" or (s.device == "auto" and cuda_usable()):
+            return 1
+        return max(1, default_threads(s.workers) // max(1, s.threads))
 
     def cut_in_flight(self) -> None:
         """Shutdown time is running out: answer every admitted request now (503 with the

@@ -39,9 +39,9 @@ class ServeSettings(BaseModel):
     # steps, and the least charged step first; 0: every image steps every turn (short
     # requests first), 1: equal compute per request (serve/batcher.py).
     encode_share: float = Field(0.5, ge=0, le=1)
-    # onnxruntime runs of a turn that go at once, each in its own thread (with --threads 1:
-    # runs in parallel instead of operators; 1: one run at a time).
-    run_threads: int = Field(1, ge=1, le=64)
+    # onnxruntime runs of a turn that go at once, each in its own thread; 0: the cores per
+    # worker on a CPU (one onnxruntime thread each), 1 on CUDA.
+    run_threads: int = Field(0, ge=0, le=64)
     # Requests admitted but not yet stepping (decoding + waiting); beyond it: 429.
     max_queue: int = Field(32, ge=1)
     queue_full_status: int = 429  # or 503, for clients that only retry on 503
