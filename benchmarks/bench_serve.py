@@ -106,11 +106,19 @@ SERVERS = {
     "seqops-2w": ([*_SEQOPS_ENTRY, "--workers", "2", "--threads", "1"], "/readyz"),
     "seqops-1t": ([*_SEQOPS_ENTRY, "--threads", "1"], "/readyz"),
     "seqops-h11": (["-c", _H11_ASYNCIO, "{model}", "{port}"], "/readyz"),
+    # The code of another commit (`git archive COMMIT seqops serve | tar -x -C DIR`, then
+    # --before DIR), with seqops' arguments: before and after in the same run.
+    "seqops-before": (["-c", "import sys; sys.path.insert(0, sys.argv.pop(1)); "
+                       "from seqops.cli import main; sys.exit(main())", "{before}",
+                       *_SEQOPS_ENTRY[2:]], "/readyz"),
     "plain": ([str(PEERS_DIR / "plain_fastapi.py"), "--model", "{model}", "--port", "{port}"],
               "/healthz"),
     "litserve": ([str(PEERS_DIR / "litserve_batched.py"), "--model", "{model}", "--port",
                   "{port}"], "/health"),
 }  # fmt: skip
+
+
+BEFORE_ENV = "SEQOPS_BENCH_BEFORE"  # the directory seqops-before runs (--before sets it)
 
 
 class ServerProcess:
@@ -124,7 +132,8 @@ class ServerProcess:
         kind, _, extra = kind.partition(":")  # "seqops:--encode-share=1,--run-batch=8"
         args = (*[a for a in extra.split(",") if a], *args)
         template, self.ready_path = SERVERS[kind]
-        command = [sys.executable, *(a.format(model=model, port=self.port) for a in template)]
+        fill = {"model": model, "port": self.port, "before": os.environ.get(BEFORE_ENV, "")}
+        command = [sys.executable, *(a.format(**fill) for a in template)]
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(
             [*command, *args], stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
@@ -733,18 +742,22 @@ def main() -> None:
     parser.add_argument(
         "--servers", nargs="+", default=["seqops", "seqops-off"], type=_server_name,
         help="servers to load: seqops (batching on), seqops-off, seqops-2w (2 workers x 1"
-        " thread), seqops-1t (1 thread), seqops-h11 (h11 + asyncio), and the peers plain,"
+        " thread), seqops-1t (1 thread), seqops-h11 (h11 + asyncio), seqops-before (--before),"
+        " and the peers plain,"
         " litserve (benchmarks/peers/); NAME:ARG,ARG adds arguments to its command line"
         " (seqops:--encode-share=1)",
     )  # fmt: skip
     parser.add_argument("--peer", nargs="+", default=[], choices=sorted(set(SERVERS) - {"seqops"}),
                         help="servers added to --servers")  # fmt: skip
     parser.add_argument("--no-overload", action="store_true", help="skip the open-loop overload")
+    parser.add_argument("--before", type=Path, help="older code for the server seqops-before")
     parser.add_argument("--out", type=Path, help="write the results as JSON")
     parser.add_argument("--hostile", action="store_true", help="the careless-client scenarios")
     parser.add_argument("--hostile-only", action="store_true", help="only those")
     args = parser.parse_args()
     args.servers += [p for p in args.peer if p not in args.servers]
+    if args.before:
+        os.environ[BEFORE_ENV] = str(args.before.resolve())
     if args.hostile_only:
         return hostile_main(args)
 
