@@ -109,6 +109,12 @@ class ModelConfig(_Section):
     count_head: bool  # a map of the objects left, whose sum the done head sees
     count_prior: bool  # the count head's density added to the heat map (needs count_head)
     done_peak: bool  # done also sees the scan's largest unmarked-object logit (needs scan)
+    # seqops (the from-scratch encoder) or an ImageNet architecture (seqops.backbones).
+    backbone: Literal["seqops", "resnet18", "resnet50", "mobilenet_v3_large"]
+    # imagenet (torchvision's weights, its cache) | none (random) | a state dict's path.
+    pretrained: str = Field(min_length=1)
+    # none | all | N: the backbone's first N stages (stem first) are frozen, BatchNorm too.
+    freeze_backbone: Literal["none", "all"] | Annotated[int, Field(ge=0)]
 
 
 class LossConfig(_Section):
@@ -150,6 +156,7 @@ class TrainConfig(_Section):
     weight_decay: float = Field(ge=0)
     max_norm: float = Field(gt=0)
     lr_schedule: Literal["none", "cosine"]
+    backbone_lr_scale: float = Field(gt=0)  # the backbone's lr is lr times this
     patience: int = Field(ge=1)
     seed: int
     device: Literal["auto", "cpu", "cuda"]

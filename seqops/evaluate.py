@@ -121,7 +121,8 @@ def prepare_image(predictor: Any, image: Image.Image, record: Record) -> Any:
     pixels, scale = imaging.resize_for_model(image, predictor.info.image_size)
     grid = predictor.info.grid
     empty = np.zeros((1, grid, grid), np.float32)
-    return PreparedImage(imaging.normalize_pixels(pixels), image.size, scale, empty)
+    normalised = imaging.normalize_pixels(pixels, predictor.info.mean, predictor.info.std)
+    return PreparedImage(normalised, image.size, scale, empty)
 
 
 def evaluate_image(

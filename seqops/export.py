@@ -37,7 +37,6 @@ import onnx
 import torch
 from torch import nn
 
-from seqops import imaging
 from seqops.config import ExportConfig, Params
 from seqops.contract import (
     CALIBRATION_KEY,
@@ -128,8 +127,8 @@ def build_metadata(
         "stride": spec.stride,
         "mark_sigma": spec.mark_sigma,
         "exemplars": spec.exemplars,
-        "mean": list(imaging.MEAN),
-        "std": list(imaging.STD),
+        "mean": list(spec.mean),  # the backbone's normalisation: the predictor applies it
+        "std": list(spec.std),
         "coordinates": COORDINATES,
         "done_threshold": done_threshold,
         "order": _training_param(train_params, "prepare.order"),

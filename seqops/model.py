@@ -32,6 +32,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from seqops import imaging
+from seqops.backbones import (
+    BACKBONES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    build_backbone,
+    freeze_stages,
+    keep_frozen_norms_eval,
+)
 from seqops.data.ordering import ORDERS, order_indices
 
 if TYPE_CHECKING:
@@ -121,6 +130,9 @@ class ModelSpec:
     # object left anywhere", which does not depend on how many there were (the pooled means
     # alone learnt the training counts' range and fired at ~50 on scenes of 100).
     done_peak: bool = False
+    # "seqops" (the encoder above, from scratch, over RGB + coordinates) or an ImageNet
+    # architecture of seqops.backbones (stride 8 only; widths/depths then unused).
+    backbone: str = "seqops"
 
     def __post_init__(self) -> None:
         def fail(field: str, why: str) -> None:
@@ -158,6 +170,13 @@ class ModelSpec:
             fail("row_height", "must be > 0")
         if self.order_prior == "scan" and self.order == "nearest_neighbor":
             fail("order_prior", "needs a positional order, not nearest_neighbor (use 'none')")
+        if self.backbone != "seqops":
+            if self.backbone not in BACKBONES:
+                fail("backbone", f"must be 'seqops' or one of {sorted(BACKBONES)}")
+            if self.stride != 8:
+                fail("stride", f"must be 8 with backbone {self.backbone} (its neck ends there)")
+            if self.image_size < 64 or self.image_size % 32:
+                fail("image_size", f"must be a multiple of 32, >= 64, with {self.backbone}")
 
     @property
     def grid(self) -> int:
@@ -168,6 +187,16 @@ class ModelSpec:
     def feature_channels(self) -> int:
         """Channels of the features ``encode`` returns (the step's width)."""
         return self.step_channels
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        """Per-channel pixel mean of the input normalisation (the backbone's training)."""
+        return imaging.MEAN if self.backbone == "seqops" else IMAGENET_MEAN
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        """Per-channel pixel std of the input normalisation."""
+        return imaging.STD if self.backbone == "seqops" else IMAGENET_STD
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict (tuples become lists)."""
@@ -225,6 +254,7 @@ def spec_from_params(params: Params) -> ModelSpec:
         count_head=model.count_head,
         count_prior=model.count_prior,
         done_peak=model.done_peak,
+        backbone=model.backbone,
         order=params.prepare.order,
         row_height=params.prepare.row_height,
     )
@@ -313,24 +343,36 @@ class _ResBlock(nn.Module):
 
 
 class _Encoder(nn.Module):
-    """CoordConv input -> stride-2 levels down to ``2 ** L`` -> top-down decoder to the grid."""
+    """A feature pyramid -> top-down decoder to the grid -> exemplar conditioning -> head.
+
+    The pyramid is the seqops encoder (CoordConv input, stride-2 levels down to ``2 ** L``)
+    or, with ``spec.backbone``, an ImageNet backbone's stride-8/16/32 maps over plain RGB
+    (``self.backbone``; its decoder is the light neck fusing the three levels). Everything
+    from the decoder on is shared, so the step and the exported graphs do not change.
+    """
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.spec = spec
-        widths, c = spec.widths, spec.decoder_channels
-        self.register_buffer("coords_in", make_coord_grid(spec.image_size), persistent=False)
-        levels, cin = [], 5  # RGB + (x, y)
-        for width, depth in zip(widths, spec.depths, strict=True):
-            blocks = [_conv_bn(cin, width, stride=2)] + [_ResBlock(width) for _ in range(depth)]
-            levels.append(nn.Sequential(*blocks))
-            cin = width
-        self.levels = nn.ModuleList(levels)
+        c = spec.decoder_channels
+        if spec.backbone == "seqops":
+            widths = spec.widths
+            self.register_buffer("coords_in", make_coord_grid(spec.image_size), persistent=False)
+            levels, cin = [], 5  # RGB + (x, y)
+            for width, depth in zip(widths, spec.depths, strict=True):
+                blocks = [_conv_bn(cin, width, stride=2)]
+                blocks += [_ResBlock(width) for _ in range(depth)]
+                levels.append(nn.Sequential(*blocks))
+                cin = width
+            self.levels = nn.ModuleList(levels)
+            # Decoder levels: from the deepest up to the grid's stride (its index in levels).
+            self.out_level = int(math.log2(spec.stride)) - 1
+        else:
+            self.backbone = build_backbone(spec.backbone)
+            widths, self.out_level = self.backbone.channels, 0  # strides 8, 16, 32
         # Global context at the deepest level (image pooling): counting and done need the
         # whole image; no norm here, so it works for one image in training mode.
         self.context = nn.Sequential(nn.Conv2d(widths[-1], c, 1), nn.ReLU(inplace=True))
-        # Decoder levels: from the deepest up to the grid's stride (index of stride in levels).
-        self.out_level = int(math.log2(spec.stride)) - 1
         self.lateral = nn.ModuleList(
             nn.Conv2d(widths[i], c, 1) for i in range(self.out_level, len(widths))
         )
@@ -350,21 +392,28 @@ class _Encoder(nn.Module):
 
     def forward(self, images: Tensor, exemplar_mask: Tensor | None) -> Tensor:
         b = images.shape[0]
-        x = torch.cat([images, self.coords_in.unsqueeze(0).expand(b, -1, -1, -1)], dim=1)
-        skips = []
-        for level in self.levels:
-            x = level(x)
-            skips.append(x)
+        skips = self._pyramid(images)
         top = skips[-1]
         p = self.lateral[-1](top) + self.context(top.mean(dim=(2, 3), keepdim=True))
-        for i in range(len(skips) - 2, self.out_level - 1, -1):
-            j = i - self.out_level
-            p = F.interpolate(p, scale_factor=2.0, mode="nearest") + self.lateral[j](skips[i])
+        for j in range(len(skips) - 2, -1, -1):
+            p = F.interpolate(p, scale_factor=2.0, mode="nearest") + self.lateral[j](skips[j])
             p = self.smooth[j](p)
         if exemplar_mask is not None:
             p = self._condition(p, exemplar_mask)
         coords = self.coords_grid.unsqueeze(0).expand(b, -1, -1, -1)
         return self.project(torch.cat([self.head(p), coords], dim=1))
+
+    def _pyramid(self, images: Tensor) -> list[Tensor]:
+        """The feature maps from the grid's stride down to the deepest, finest first."""
+        if self.spec.backbone != "seqops":
+            return list(self.backbone(images))
+        b = images.shape[0]
+        x = torch.cat([images, self.coords_in.unsqueeze(0).expand(b, -1, -1, -1)], dim=1)
+        skips = []
+        for level in self.levels:
+            x = level(x)
+            skips.append(x)
+        return skips[self.out_level :]
 
     def _condition(self, p: Tensor, mask: Tensor) -> Tensor:
         """Condition on the prototype pooled under the exemplar mask (cosine map + FiLM)."""
@@ -474,6 +523,30 @@ class SeqCounter(nn.Module):
         self.spec = spec
         self.encoder = _Encoder(spec)
         self.stepper = _Step(spec)
+        self._frozen: list[nn.Module] = []
+
+    @property
+    def backbone(self) -> nn.Module | None:
+        """The ImageNet backbone (``spec.backbone``), None for the seqops encoder."""
+        return getattr(self.encoder, "backbone", None)
+
+    def freeze_backbone(self, freeze: str | int) -> None:
+        """``model.freeze_backbone``: ``none``, ``all`` or the first N stages of the backbone
+        take no gradient, and their BatchNorm keeps its statistics (eval mode even under
+        :meth:`train`)."""
+        if self.backbone is None:
+            if freeze != "none":
+                raise ValueError(
+                    f"model.freeze_backbone={freeze}: needs a model.backbone other than seqops"
+                )
+            return
+        self._frozen = freeze_stages(self.backbone, freeze)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> SeqCounter:
+        super().train(mode)
+        keep_frozen_norms_eval(self._frozen)
+        return self
 
     def encode(self, images: Tensor, exemplar_mask: Tensor | None = None) -> Tensor:
         """``images [B,3,S,S]`` (+ ``exemplar_mask [B,1,g,g]`` iff ``spec.exemplars``) ->

@@ -33,7 +33,7 @@ def parity_inputs(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
     size, g = spec.image_size, spec.grid
     # Uniform pixels through the real normalisation: the value range the model sees.
     pixels = rng.integers(0, 256, (PARITY_BATCH, size, size, 3), dtype=np.uint8)
-    inputs = {"image": imaging.normalize_pixels(pixels)}
+    inputs = {"image": imaging.normalize_pixels(pixels, spec.mean, spec.std)}
     if spec.exemplars:
         masks = []
         for _ in range(PARITY_BATCH):

@@ -111,6 +111,7 @@ class StepDataset(Dataset):
         # nearest_unmarked: the loop marks objects in its own order, so mark random subsets.
         self.shuffle = train.target == "nearest_unmarked"
         self.grid, self.mark_sigma, self.exemplars = spec.grid, spec.mark_sigma, spec.exemplars
+        self.mean, self.std = spec.mean, spec.std  # the backbone's input normalisation
         self.seed = seed
         self.epoch = 0
         # The model's own loop on some images (train.loop_share): index -> points found, model
@@ -167,7 +168,7 @@ class StepDataset(Dataset):
         if index in self.loop_points:
             steps = self._with_loop_steps(steps, index, rng)
         item = {
-            "image": normalize_pixels(self.image_pixels(index, rng)),
+            "image": normalize_pixels(self.image_pixels(index, rng), self.mean, self.std),
             "marks": steps.marks[:, None],
             "target_xy": steps.target_xy,
             "done": steps.done,

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
+from seqops.backbones import load_pretrained
 from seqops.config import Params, TrainConfig
 from seqops.imaging import norm_to_pixels
 from seqops.io import atomic_write_json
@@ -166,8 +167,10 @@ def set_up(
         val_ds = StepDataset(data_dir, "val", **configs, augment=False, seed=VAL_SEED)
         warn_uncounted_kinds(train_ds, spec.exemplars)
 
-    model = SeqCounter(spec).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model = build_model(params).to(device)
+    optimizer = torch.optim.AdamW(
+        optimizer_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
     steps_per_epoch = len(train_loader(train_ds, cfg, dist=dist, device=device, epoch=1))
     state = TrainingState(
         model=model,
@@ -195,6 +198,34 @@ def set_up(
         net=net,
         state=state,
     )
+
+
+def build_model(params: Params) -> SeqCounter:
+    """The network of ``params.model``: its backbone filled from ``model.pretrained`` (a
+    resumed run then overwrites it from ``last.pt``) and frozen as ``model.freeze_backbone``
+    says."""
+    model = SeqCounter(spec_from_params(params))
+    if model.backbone is not None:
+        load_pretrained(model.backbone, model.spec.backbone, params.model.pretrained)
+    elif params.model.pretrained != "none":
+        raise ValueError(
+            f"model.pretrained={params.model.pretrained}: the seqops encoder trains from "
+            "scratch; pretrained weights need model.backbone=resnet18|resnet50|mobilenet_v3_large"
+        )
+    model.freeze_backbone(params.model.freeze_backbone)
+    return model
+
+
+def optimizer_groups(model: SeqCounter, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """The trainable parameters: the backbone's at ``lr * train.backbone_lr_scale`` (pretrained
+    features move slowly), the rest at ``lr``; frozen ones are left out."""
+    backbone = {id(p) for p in model.backbone.parameters()} if model.backbone else set()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) not in backbone]}]
+    pretrained = [p for p in trainable if id(p) in backbone]
+    if pretrained:
+        groups.append({"params": pretrained, "lr": cfg.lr * cfg.backbone_lr_scale})
+    return groups
 
 
 def report_resumed(state: TrainingState, last_path: Path, resume: str) -> None:

@@ -179,7 +179,7 @@ def rollout(
         Per image, the found objects ``[n, 2]`` in normalised coordinates, in order.
     """
     spec = model.spec
-    images = torch.from_numpy(normalize_pixels(pixels)).to(device)
+    images = torch.from_numpy(normalize_pixels(pixels, spec.mean, spec.std)).to(device)
     masks = None if exemplar_masks is None else torch.from_numpy(exemplar_masks).to(device)
     features = model.encode(images, masks)
 
@@ -286,7 +286,8 @@ def draw_val_pictures(
             ks=np.array([k]),
             shuffle=val_ds.shuffle,
         )
-        image = torch.from_numpy(normalize_pixels(val_ds.pixels[i]))[None].to(device)
+        pixels = normalize_pixels(val_ds.pixels[i], spec.mean, spec.std)
+        image = torch.from_numpy(pixels)[None].to(device)
         mask = None
         if val_ds.exemplars:
             mask = torch.from_numpy(val_ds.exemplar_mask(i))[None].to(device)
