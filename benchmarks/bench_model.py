@@ -10,6 +10,8 @@ BatchNorm is folded into the convolutions).
     .venv/bin/python benchmarks/bench_model.py                 # torch eager, both presets
     .venv/bin/python benchmarks/bench_model.py --onnx --out bench_model.json
     .venv/bin/python benchmarks/bench_model.py --threads 1 --clock cpu   # on a busy machine
+    .venv/bin/python benchmarks/bench_model.py --heads heatmap --backbones seqops resnet18 \
+        resnet50 mobilenet_v3_large --onnx      # the ImageNet backbones (model.backbone)
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from seqops.backbones import BACKBONES
 from seqops.config import load_params
 from seqops.contract import ENCODER_FILE, STEP_FILE
 from seqops.export import export_graphs
@@ -129,6 +132,7 @@ def bench_spec(
     encode_flops = count_flops(lambda: model.encode(images, mask))
     step_flops = count_flops(lambda: model.step(features, marks))
     base = {
+        "backbone": spec.backbone,
         "preset": spec.preset,
         "head": spec.head,
         "order_prior": spec.order_prior,
@@ -171,13 +175,14 @@ def bench_spec(
 def format_table(rows: list[dict]) -> str:
     """A markdown table of the rows."""
     onnx = "onnx_ratio" in rows[0]
-    head = "| preset | head | batch | encode ms | step ms | step/encode | MACs ratio |"
+    head = "| backbone | preset | head | batch | encode ms | step ms | step/encode | MACs ratio |"
     head += " 30-object speed-up |"
     head += " onnx encode ms | onnx step ms | onnx step/encode |" if onnx else ""
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         line = (
-            f"| {r['preset']} | {r['head']} | {r['batch']} | {r['encode_ms']:.2f} | "
+            f"| {r['backbone']} | {r['preset']} | {r['head']} | {r['batch']} | "
+            f"{r['encode_ms']:.2f} | "
             f"{r['step_ms']:.3f} | {r['ratio']:.1%} | {r['macs_ratio']:.1%} | "
             f"{r['speedup_30_objects']:.1f}x |"
         )
@@ -205,6 +210,13 @@ def main() -> None:
     )
     parser.add_argument("--exemplars", action="store_true")
     parser.add_argument(
+        "--backbones",
+        nargs="+",
+        default=["seqops"],
+        choices=["seqops", *BACKBONES],
+        help="model.backbone values (seqops: the from-scratch encoder)",
+    )
+    parser.add_argument(
         "--order-prior",
         choices=list(ORDER_PRIORS),
         default="scan",
@@ -218,12 +230,14 @@ def main() -> None:
 
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     rows = []
-    for preset in args.presets:
-        for head in args.heads:
-            spec = ModelSpec.from_preset(
-                preset, args.image_size, args.exemplars, head=head, order_prior=args.order_prior
-            )
-            rows.extend(bench_spec(spec, args.batches, args.repeats, args.onnx, clock))
+    for backbone in args.backbones:
+        for preset in args.presets:
+            for head in args.heads:
+                spec = ModelSpec.from_preset(
+                    preset, args.image_size, args.exemplars, head=head,
+                    order_prior=args.order_prior, backbone=backbone,
+                )  # fmt: skip
+                rows.extend(bench_spec(spec, args.batches, args.repeats, args.onnx, clock))
     threads = torch.get_num_threads()
     print(
         f"torch {torch.__version__}, {threads} threads, {args.clock} clock, "
@@ -232,7 +246,7 @@ def main() -> None:
     for r in rows:
         if r["batch"] == args.batches[0]:
             print(
-                f"{r['preset']}/{r['head']}: encode {r['encode_mmacs']:.0f} MMACs "
+                f"{r['backbone']}/{r['preset']}/{r['head']}: encode {r['encode_mmacs']:.0f} MMACs "
                 f"({r['encoder_params'] / 1e3:.0f}k params), step {r['step_mmacs']:.1f} MMACs "
                 f"({r['step_params'] / 1e3:.1f}k params)"
             )
