@@ -315,23 +315,27 @@ def _imagenet_state_dict(name: str) -> Mapping[str, Tensor]:
     if weights is None:
         raise PretrainedError(f"model.pretrained=imagenet: no ImageNet weights for {name!r}")
     try:
-        try:
-            import torchvision.models  # type: ignore[import-not-found]
-
-            state = torchvision.models.get_weight(weights.torchvision_name)
-            return state.get_state_dict(progress=True, check_hash=True)
-        except (ImportError, RuntimeError):
-            # Not installed, or built against another torch (the registry's CUDA wheels).
-            return torch.hub.load_state_dict_from_url(
-                weights.url, progress=True, check_hash=True, file_name=weights.file_name
-            )
+        import torchvision.models as tv_models  # type: ignore[import-not-found]
+    except (ImportError, RuntimeError):  # not installed, or built against another torch
+        tv_models = None
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    try:
+        # weights_only: a file in the cache is read as tensors only, never as code.
+        load = {"progress": True, "check_hash": True, "weights_only": True, "map_location": "cpu"}
+        if tv_models is not None:
+            return tv_models.get_weight(weights.torchvision_name).get_state_dict(**load)
+        return torch.hub.load_state_dict_from_url(weights.url, file_name=weights.file_name, **load)
     except (urllib.error.URLError, OSError) as exc:
-        folder = Path(torch.hub.get_dir()) / "checkpoints"
         raise PretrainedError(
             f"model.pretrained=imagenet: cannot fetch {weights.file_name} ({exc}). Download "
             f"{weights.url} on a connected machine and put it in {folder} (the torch hub "
             f"cache, $TORCH_HOME/hub/checkpoints), or set model.pretrained=<path to the "
             "file>, which works offline."
+        ) from None
+    except Exception as exc:  # a failed hash check, a truncated file in the cache
+        raise PretrainedError(
+            f"model.pretrained=imagenet: {folder / weights.file_name} is not a valid copy of "
+            f"{weights.url} ({exc}): delete it and fetch it again"
         ) from None
 
 

@@ -117,6 +117,22 @@ def test_imagenet_offline_names_the_file_and_where_to_put_it(tmp_path, monkeypat
         torch.testing.assert_close(backbone.state_dict()[name], value)
 
 
+def test_a_bad_imagenet_file_in_the_cache_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cached = tmp_path / "hub" / "checkpoints" / B.IMAGENET_WEIGHTS["resnet18"].file_name
+    cached.parent.mkdir(parents=True)
+    torch.save(B.build_backbone("resnet18").state_dict(), cached)
+    cached.write_bytes(cached.read_bytes()[:4000])  # an interrupted copy
+    with pytest.raises(B.PretrainedError, match=re.escape(f"{cached} is not a valid copy")):
+        B.load_pretrained(B.build_backbone("resnet18"), "resnet18", "imagenet")
+    # A good copy in the cache loads offline, as torchvision's own cache does.
+    source = B.build_backbone("resnet18")
+    torch.save(source.state_dict(), cached)
+    target = B.build_backbone("resnet18")
+    B.load_pretrained(target, "resnet18", "imagenet")
+    torch.testing.assert_close(target.conv1.weight, source.conv1.weight)
+
+
 def _no_network(*args, **kwargs):
     raise OSError("no network in this test")
 
