@@ -93,7 +93,12 @@ def run_rollouts(
             for i in active:
                 rollouts[i].stopped_by = "deadline"
             return
-        marks = np.stack([rollouts[i].marks for i in active])
+        # One image (a single request's loop): its marks as a batch of one, a view, not
+        # a copy; more: stacked (the step needs one contiguous batch).
+        if len(active) == 1:
+            marks = rollouts[active[0]].marks[None]
+        else:
+            marks = np.stack([rollouts[i].marks for i in active])
         xy, done = step(active, marks)
         finished = [
             rollouts[i].advance(xy[j], done[j], threshold, max_objects)

@@ -130,6 +130,20 @@ def test_add_mark_is_the_incremental_render_marks():
     np.testing.assert_allclose(marks, render_marks(points, 20, 1.5), atol=1e-7)
 
 
+def test_add_mark_on_grids_of_two_sizes_keeps_each_grids_centres():
+    """add_mark keeps each grid's cell centres (computed once): a caller changing the array
+    grid_centres returns cannot move them, and two grids do not share them."""
+    from seqops.imaging import add_mark
+
+    grid_centres(12)[:] = 0.0  # a caller's own copy
+    for grid in (12, 20, 12):
+        marks = np.zeros((grid, grid), np.float32)
+        add_mark(marks, np.array([0.3, -0.4], np.float32), 1.5)
+        np.testing.assert_array_equal(
+            marks, render_marks(np.array([[0.3, -0.4]], np.float32), grid, 1.5)
+        )
+
+
 def _encode(image, fmt="PNG", **kwargs):
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **kwargs)

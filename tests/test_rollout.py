@@ -67,3 +67,26 @@ def test_run_rollouts_stops_at_the_guard_and_the_deadline():
     late = [Rollout.start(GRID, SIGMA)]
     run_rollouts(late, scripted_step([99], []), 0.5, 10, deadline=time.monotonic() - 1)
     assert late[0].stopped_by == "deadline" and late[0].points_norm == []
+
+
+def test_one_image_alone_steps_the_same_as_in_a_batch():
+    """A lone image's marks go to the step as a view of a batch of one (no copy per step);
+    its points and marks are the same as the same image's in a batch with another."""
+    seen: list[np.ndarray] = []
+
+    def step(active: np.ndarray, marks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        assert marks.shape == (len(active), 1, GRID, GRID) and marks.dtype == np.float32
+        seen.append(marks[0].copy())
+        k = len(seen)
+        xy = np.tile([[0.1 * k - 0.6, 0.05 * k]], (len(active), 1)).astype(np.float32)
+        return xy, np.full(len(active), 0.9 if k > 4 else 0.1, np.float32)
+
+    alone = [Rollout.start(GRID, SIGMA)]
+    run_rollouts(alone, step, 0.5, 10)
+    alone_seen, seen[:] = list(seen), []
+    batch = [Rollout.start(GRID, SIGMA), Rollout.start(GRID, SIGMA)]
+    run_rollouts(batch, step, 0.5, 10)
+    assert alone[0].points_norm == batch[0].points_norm and len(alone[0].points_norm) == 4
+    np.testing.assert_array_equal(alone[0].marks, batch[0].marks)
+    for a, b in zip(alone_seen, seen, strict=True):
+        np.testing.assert_array_equal(a, b)
