@@ -7,6 +7,7 @@ import importlib.util
 import json
 import pickle
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -213,10 +214,12 @@ def test_every_backbone_exports_with_parity_and_its_normalisation(arch, tmp_path
 
 @pytest.mark.slow
 @pytest.mark.e2e  # a gloo process group, the CLI stages and a real HTTP server
-def test_fsc147_to_a_served_count_with_a_resnet18_state_dict(tmp_path, monkeypatch):
+def test_fsc147_to_a_served_count_with_a_resnet18_state_dict(tmp_path, monkeypatch, mlflow_uri):
     """prepare.source=fsc147 -> model.backbone=resnet18 + model.pretrained=<path> -> train
-    (under torchrun's environment, DDP on gloo, then resumed) -> export -> serve."""
+    (under torchrun's environment, DDP on gloo, then resumed) -> export (registered in
+    MLflow) -> serve."""
     import httpx
+    import mlflow
     from conftest import free_port
     from serving.serve_fixtures import Server
 
@@ -241,7 +244,7 @@ def test_fsc147_to_a_served_count_with_a_resnet18_state_dict(tmp_path, monkeypat
     base += [arg for k, v in sets.items() for arg in ("--set", f"{k}={v}")]
     data, models = tmp_path / "prepared", tmp_path / "models"
     assert main(["prepare", *base, "--out", str(data)]) == 0
-    train = ["train", *base, "--data", str(data), "--out", str(models), "--no-mlflow"]
+    train = ["train", *base, "--data", str(data), "--out", str(models)]
     train += ["--metrics", str(tmp_path / "m.json"), "--plots", str(tmp_path / "p.csv")]
     train += ["--report", str(tmp_path / "r.json")]
     torchrun = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
@@ -259,12 +262,16 @@ def test_fsc147_to_a_served_count_with_a_resnet18_state_dict(tmp_path, monkeypat
 
     out = models / "onnx"
     export = ["export", *base, "--checkpoint", str(models / "best.pt"), "--data", str(data)]
-    export += ["--run", str(models / "train_run.json"), "--out", str(out), "--no-mlflow"]
+    export += ["--run", str(models / "train_run.json"), "--out", str(out)]
     export += ["--metrics", str(tmp_path / "e.json"), "--report", str(tmp_path / "er.json")]
     assert main(export) == 0
     report = json.loads((tmp_path / "er.json").read_text())
     assert report["parity_passed"] and report["parity_max_abs_diff"] <= 1e-4
     assert json.loads((out / "model.json").read_text())["mean"] == list(B.IMAGENET_MEAN)
+    assert report["logged_in_training_run"] and report["registered_version"]
+    registered = Path(mlflow.artifacts.download_artifacts("models:/seqops@candidate"))
+    for name in ("encoder.onnx", "step.onnx"):
+        assert (registered / "extra_files" / name).read_bytes() == (out / name).read_bytes()
 
     image = (root / fixture.IMAGES_DIR / "3.jpg").read_bytes()
     want = Predictor(out, device="cpu", threads=1).predict([image], max_objects=5)[0]
