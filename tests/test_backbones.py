@@ -282,3 +282,43 @@ def test_fsc147_to_a_served_count_with_a_resnet18_state_dict(tmp_path, monkeypat
     assert response.status_code == 200, response.text
     assert response.json()["count"] == want.count
     np.testing.assert_allclose(response.json()["points"], want.points, atol=0.02)
+
+
+@pytest.mark.slow
+@pytest.mark.e2e  # a gloo process group on a local port
+@pytest.mark.parametrize("arch", ["mobilenet_v3_large", "resnet50"])
+def test_a_backbone_run_resumes_as_if_never_stopped_under_ddp(arch, tiny_dataset, tmp_path,
+                                                                monkeypatch):  # fmt: skip
+    """Frozen stages, the backbone's own learning rate and DDP: a run stopped after one epoch
+    and resumed ends with the same weights as one that never stopped."""
+    from conftest import free_port
+
+    from seqops.training import checkpoint as ckpt
+    from seqops.training.train import run_train
+
+    torchrun = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    for key, value in torchrun.items():
+        monkeypatch.setenv(key, value)
+    sets = (
+        f"model.backbone={arch}", "model.freeze_backbone=2", "train.backbone_lr_scale=0.1",
+        "train.lr_schedule=none", "train.rollout_images=0", "train.picture_samples=0",
+    )  # fmt: skip
+
+    def train(out, epochs, resume="auto"):
+        monkeypatch.setenv("MASTER_PORT", str(free_port()))
+        run_train(
+            shrink_params(*sets, f"train.epochs={epochs}"), tiny_dataset, out / "models",
+            metrics_path=out / "m.json", plots_path=out / "p.csv", report_path=out / "r.json",
+            track=False, resume=resume,
+        )  # fmt: skip
+        return ckpt.load_checkpoint(out / "models" / "last.pt")
+
+    straight = train(tmp_path / "straight", 2)
+    train(tmp_path / "resumed", 1)
+    resumed = train(tmp_path / "resumed", 2, resume="require")
+    assert resumed["epoch"] == 2
+    for name, value in straight["model_state"].items():
+        torch.testing.assert_close(resumed["model_state"][name], value, msg=name)
+    groups = resumed["optimizer_state"]["param_groups"]
+    lr = shrink_params().train.lr
+    assert [g["lr"] for g in groups] == pytest.approx([lr, lr * 0.1])
