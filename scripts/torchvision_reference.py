@@ -85,10 +85,11 @@ def _torchvision_features(name: str, model: torch.nn.Module, x: Tensor) -> list[
         c8 = model.layer2(model.layer1(x))
         c16 = model.layer3(c8)
         return [c8, c16, model.layer4(c16)]
+    ends = (3, 5, 7) if name.startswith("convnext") else (6, 12, 16)
     taps = []
     for i, layer in enumerate(model.features):
         x = layer(x)
-        if i in (6, 12, 16):
+        if i in ends:
             taps.append(x)
     return taps
 
@@ -100,7 +101,7 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     args = parser.parse_args()
     reference = {"torch": torch.__version__, "input_size": INPUT_SIZE, "backbones": {}}
-    for name in ("resnet18", "resnet50", "mobilenet_v3_large"):
+    for name in ("resnet18", "resnet50", "mobilenet_v3_large", "convnext_tiny"):
         model = getattr(tvm, name)(weights=None).double().eval()
         state = model.state_dict()
         model.load_state_dict(fill_deterministic(state))

@@ -1,4 +1,5 @@
-"""ImageNet backbones for the encoder, written with torchvision's module and parameter names.
+"""ImageNet backbones for the encoder, written with torchvision's module and parameter names:
+ResNet-18 and -50, MobileNetV3-Large and ConvNeXt-Tiny.
 
 torchvision's wheels on the registry are built against CUDA torch (they do not import with
 the project's CPU ``torch``), so seqops does not depend on torchvision: the architectures
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 # ImageNet statistics: the normalisation every torchvision backbone was trained with.
@@ -49,6 +51,9 @@ IMAGENET_WEIGHTS: dict[str, WeightsFile] = {
     "resnet50": WeightsFile("ResNet50_Weights.IMAGENET1K_V1", "resnet50-0676ba61.pth"),
     "mobilenet_v3_large": WeightsFile(
         "MobileNet_V3_Large_Weights.IMAGENET1K_V1", "mobilenet_v3_large-8738ca79.pth"
+    ),
+    "convnext_tiny": WeightsFile(
+        "ConvNeXt_Tiny_Weights.IMAGENET1K_V1", "convnext_tiny-983f1562.pth"
     ),
 }
 
@@ -272,10 +277,87 @@ class MobileNetV3(nn.Module):
         return taps[0], taps[1], taps[2]
 
 
+# --- ConvNeXt-Tiny (torchvision.models.convnext) ----------------------------------
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW map."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class Permute(nn.Module):
+    def __init__(self, dims: list[int]) -> None:
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.permute(x, self.dims)
+
+
+class CNBlock(nn.Module):
+    """torchvision's ConvNeXt block; its stochastic depth (a training regulariser without
+    parameters, 0.1 in torchvision's ImageNet training) is left out."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.Conv2d(dim, dim, 7, padding=3, groups=dim),
+            Permute([0, 2, 3, 1]),
+            nn.LayerNorm(dim, eps=1e-6),
+            nn.Linear(dim, 4 * dim),
+            nn.GELU(),
+            nn.Linear(4 * dim, dim),
+            Permute([0, 3, 1, 2]),
+        )
+        self.layer_scale = nn.Parameter(torch.full((dim, 1, 1), 1e-6))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.layer_scale * self.block(x)
+
+
+class ConvNeXt(nn.Module):
+    """torchvision's ConvNeXt-Tiny without ``avgpool``/``classifier``; features after
+    ``features[3]`` (192 ch, stride 8), ``features[5]`` (384, 16), ``features[7]`` (768, 32)."""
+
+    def __init__(self, dims: tuple[int, ...] = (96, 192, 384, 768), depths=(3, 3, 9, 3)) -> None:
+        super().__init__()
+        stem = nn.Sequential(nn.Conv2d(3, dims[0], 4, 4), LayerNorm2d(dims[0], eps=1e-6))
+        layers: list[nn.Module] = [stem]
+        for i, (dim, depth) in enumerate(zip(dims, depths, strict=True)):
+            layers.append(nn.Sequential(*[CNBlock(dim) for _ in range(depth)]))
+            if i + 1 < len(dims):
+                down = nn.Sequential(LayerNorm2d(dim, eps=1e-6), nn.Conv2d(dim, dims[i + 1], 2, 2))
+                layers.append(down)
+        self.features = nn.Sequential(*layers)
+        self.channels = dims[1:]
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d | nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def stages(self) -> list[list[nn.Module]]:
+        """Stem, then each stride's downsampling and blocks (stride 4, 8, 16, 32)."""
+        f = self.features
+        return [[f[0]], [f[1]], [f[2], f[3]], [f[4], f[5]], [f[6], f[7]]]
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        taps = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in (3, 5, 7):
+                taps.append(x)
+        return taps[0], taps[1], taps[2]
+
+
 BACKBONES: dict[str, Callable[[], nn.Module]] = {
     "resnet18": lambda: ResNet(BasicBlock, (2, 2, 2, 2)),
     "resnet50": lambda: ResNet(Bottleneck, (3, 4, 6, 3)),
     "mobilenet_v3_large": MobileNetV3,
+    "convnext_tiny": ConvNeXt,
 }
 
 

@@ -110,7 +110,7 @@ class ModelConfig(_Section):
     count_prior: bool  # the count head's density added to the heat map (needs count_head)
     done_peak: bool  # done also sees the scan's largest unmarked-object logit (needs scan)
     # seqops (the from-scratch encoder) or an ImageNet architecture (seqops.backbones).
-    backbone: Literal["seqops", "resnet18", "resnet50", "mobilenet_v3_large"]
+    backbone: Literal["seqops", "resnet18", "resnet50", "mobilenet_v3_large", "convnext_tiny"]
     # imagenet (torchvision's weights, its cache) | none (random) | a state dict's path.
     pretrained: str = Field(min_length=1)
     # none | all | N: the backbone's first N stages (stem first) are frozen, BatchNorm too.

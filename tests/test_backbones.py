@@ -19,7 +19,7 @@ from seqops.config import ConfigError
 from seqops.model import ModelSpec, SeqCounter
 from seqops.training.train import build_model, optimizer_groups
 
-ARCHS = ("resnet18", "resnet50", "mobilenet_v3_large")
+ARCHS = ("resnet18", "resnet50", "mobilenet_v3_large", "convnext_tiny")
 FIXTURE = ROOT / "tests" / "fixtures" / "torchvision_reference.json"
 
 

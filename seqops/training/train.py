@@ -210,7 +210,7 @@ def build_model(params: Params) -> SeqCounter:
     elif params.model.pretrained != "none":
         raise ValueError(
             f"model.pretrained={params.model.pretrained}: the seqops encoder trains from "
-            "scratch; pretrained weights need model.backbone=resnet18|resnet50|mobilenet_v3_large"
+            "scratch; pretrained weights need another model.backbone (seqops.backbones)"
         )
     model.freeze_backbone(params.model.freeze_backbone)
     return model
