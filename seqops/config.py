@@ -103,6 +103,8 @@ class ModelConfig(_Section):
     stride: int | None = Field(ge=1)  # feature-grid cell in px (4, 8, 16)
     peak_window: int | None = Field(ge=0)  # soft-argmax window half-width, cells; 0: whole grid
     mark_sigma: float | None = Field(gt=0)  # a found object's mark radius, grid cells
+    # > 0: marks follow the object's extent, this share of the estimated radius; 0: fixed.
+    mark_extent: float = Field(ge=0)
     # How the step finds the next object in the order (seqops.model.ORDER_PRIORS); "scan"
     # needs a positional prepare.order (not nearest_neighbor).
     order_prior: Literal["none", "scan"]
@@ -125,6 +127,7 @@ class LossConfig(_Section):
     w_heatmap: float = Field(ge=0)  # cross-entropy of the heat map against a Gaussian
     heatmap_sigma: float = Field(gt=0)  # that Gaussian's radius, in feature-grid cells
     w_count: float = Field(ge=0)  # the count head's map against the unmarked objects' density
+    w_extent: float = Field(ge=0)  # the objects' radius estimate against the exemplar boxes'
 
 
 class AugmentConfig(_Section):

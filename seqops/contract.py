@@ -4,6 +4,8 @@ server read. Torch-free and onnxruntime-free, so every side imports it.
 A model is a directory::
 
     encoder.onnx   image [B,3,S,S] (+ exemplar_mask [B,1,g,g]) -> features [B,C,g,g]
+                   (+ mark_sigma [B] when the metadata's mark_extent > 0: each image's mark
+                   radius in grid cells, following its objects' estimated extent)
     step.onnx      features [B,C,g,g], marks [B,1,g,g] -> xy [B,2] (normalised), done [B] (prob.)
     model.json     the metadata below plus export facts (opset, parity, file hashes)
 
@@ -54,9 +56,13 @@ class GraphIO:
 STEP_IO = GraphIO(("features", "marks"), ("xy", "done"))
 
 
-def encoder_io(exemplars: bool) -> GraphIO:
-    """The encoder's inputs and outputs: the exemplar mask only for a model trained with it."""
-    return GraphIO(("image", "exemplar_mask") if exemplars else ("image",), ("features",))
+def encoder_io(exemplars: bool, mark_extent: bool = False) -> GraphIO:
+    """The encoder's inputs and outputs: the exemplar mask only for a model trained with it,
+    ``mark_sigma`` only for one whose marks follow the object's extent."""
+    return GraphIO(
+        ("image", "exemplar_mask") if exemplars else ("image",),
+        ("features", "mark_sigma") if mark_extent else ("features",),
+    )
 
 
 class ContractError(ValueError):
@@ -139,6 +145,14 @@ class ModelInfo:
     model_version: str
     run_id: str | None
     calibration: CountCalibration | None = None  # None: an export without one
+    # > 0: the encoder gives each image's mark radius (marks follow the object's extent);
+    # 0 (and exports before it): every mark has radius mark_sigma.
+    mark_extent: float = 0.0
+
+    @property
+    def encoder_io(self) -> GraphIO:
+        """The encoder graph's inputs and outputs for this model."""
+        return encoder_io(self.exemplars, self.mark_extent > 0)
 
     @property
     def confidence_calibrated(self) -> bool:
@@ -169,6 +183,7 @@ class ModelInfo:
                 model_version=str(meta["model_version"]),
                 run_id=meta.get("run_id"),
                 calibration=calibration,
+                mark_extent=float(meta.get("mark_extent", 0.0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ContractError(f"{source}: metadata '{METADATA_KEY}' lacks {exc}") from None

@@ -84,7 +84,10 @@ class EncoderGraph(nn.Module):
         self.model = model
 
     def forward(self, image: torch.Tensor, exemplar_mask: torch.Tensor | None = None):
-        return self.model.encode(image, exemplar_mask)
+        features, log_radius = self.model.encode_extent(image, exemplar_mask)
+        if log_radius is None:
+            return features
+        return features, self.model.mark_sigmas(log_radius, image.shape[0])
 
 
 class StepGraph(nn.Module):
@@ -126,6 +129,7 @@ def build_metadata(
         "grid": spec.grid,
         "stride": spec.stride,
         "mark_sigma": spec.mark_sigma,
+        "mark_extent": spec.mark_extent,  # > 0: the encoder's mark_sigma output holds the radius
         "exemplars": spec.exemplars,
         "mean": list(spec.mean),  # the backbone's normalisation: the predictor applies it
         "std": list(spec.std),
@@ -139,6 +143,11 @@ def build_metadata(
         "model_version": model_version,
         "run_id": run_id,
     }
+
+
+def _metadata_io(metadata: Mapping[str, Any]) -> GraphIO:
+    """The encoder's inputs and outputs for the model ``metadata`` describes."""
+    return encoder_io(metadata["exemplars"], metadata.get("mark_extent", 0.0) > 0)
 
 
 def _training_param(train_params: Mapping[str, Any], key: str) -> Any:
@@ -244,7 +253,7 @@ def export_encoder(model: SeqCounter, path: Path, opset: int, metadata: dict[str
     )
     if spec.exemplars:
         args += (torch.zeros(_TRACE_BATCH, 1, spec.grid, spec.grid),)
-    io = encoder_io(spec.exemplars)
+    io = encoder_io(spec.exemplars, spec.mark_extent > 0)
     export_graph(EncoderGraph(model), args, io, path, opset=opset, metadata=metadata)
 
 
@@ -346,11 +355,11 @@ def describe_export(
         "parity": parity,
         "files": {name: _file_facts(model_dir / name) for name in (ENCODER_FILE, STEP_FILE)},
         "inputs": {
-            "encoder": list(encoder_io(metadata["exemplars"]).inputs),
+            "encoder": list(_metadata_io(metadata).inputs),
             "step": list(STEP_IO.inputs),
         },
         "outputs": {
-            "encoder": list(encoder_io(metadata["exemplars"]).outputs),
+            "encoder": list(_metadata_io(metadata).outputs),
             "step": list(STEP_IO.outputs),
         },
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__},

@@ -263,6 +263,28 @@ def add_mark(marks: np.ndarray, point_norm: np.ndarray, sigma: float) -> None:
     np.maximum(marks, gy[:, None] * gx[None, :], out=marks)
 
 
+# Marks that follow the object's extent (``model.mark_extent``): a mark's radius is that
+# share of the object's radius, within these bounds (grid cells). Below ~0.35 cell a mark
+# falls between the cell centres it is sampled at; above 4 cells it hides whole clusters.
+EXTENT_SIGMA_BOUNDS = (0.35, 4.0)
+
+
+def extent_mark_sigma(radius_cells: np.ndarray | float, share: float) -> np.ndarray:
+    """The mark radius (grid cells) of objects of ``radius_cells``: ``share`` of it, clipped
+    to :data:`EXTENT_SIGMA_BOUNDS` (the exported encoder computes the same in-graph)."""
+    low, high = EXTENT_SIGMA_BOUNDS
+    return np.clip(np.asarray(radius_cells, np.float32) * np.float32(share), low, high)
+
+
+def exemplar_radius_px(boxes_px: np.ndarray) -> float:
+    """The objects' typical radius (px) from exemplar boxes ``[E, 4]``: the mean of each
+    box's half width and half height; NaN without boxes (nothing to learn the extent from)."""
+    boxes = np.asarray(boxes_px, np.float32).reshape(-1, 4)
+    if not len(boxes):
+        return float("nan")
+    return float(((boxes[:, 2] - boxes[:, 0]) + (boxes[:, 3] - boxes[:, 1])).mean() / 4.0)
+
+
 def render_marks(points_norm: np.ndarray, grid: int, sigma: float) -> np.ndarray:
     """Render found objects as Gaussian blobs on the feature grid.
 

@@ -90,6 +90,9 @@ _LEFT_PRIOR = -4.0
 # log(density + floor): a cell the density calls empty lowers the heat by log(1e-3) ~ -7,
 # not by -inf, so the heat map can still point where the density missed an object.
 _COUNT_PRIOR_FLOOR = 1e-3
+# The extent head starts at objects of ~2 cells' radius (16 px at stride 8), the synthetic
+# scenes' median.
+_EXTENT_PRIOR_LOG = math.log(2.0)
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,11 @@ class ModelSpec:
     # "seqops" (the encoder above, from scratch, over RGB + coordinates) or an ImageNet
     # architecture of seqops.backbones (stride 8 only; widths/depths then unused).
     backbone: str = "seqops"
+    # 0: every mark has radius ``mark_sigma``. > 0: marks follow the object's extent: the
+    # encoder also estimates the objects' radius (trained on the exemplar boxes' size) and
+    # each image's marks get this share of it (``imaging.extent_mark_sigma``), so a mark
+    # covers its own object, large or small, and not the neighbour it touches.
+    mark_extent: float = 0.0
 
     def __post_init__(self) -> None:
         def fail(field: str, why: str) -> None:
@@ -150,6 +158,8 @@ class ModelSpec:
             fail("image_size", f"must be a multiple of the deepest stride {max_stride}, >= 2x")
         if self.mark_sigma <= 0:
             fail("mark_sigma", "must be > 0")
+        if self.mark_extent < 0:
+            fail("mark_extent", "must be >= 0 (0: marks of a fixed mark_sigma)")
         if self.decoder_channels < 1:
             fail("decoder_channels", "must be >= 1")
         if self.step_channels < 1:
@@ -255,6 +265,7 @@ def spec_from_params(params: Params) -> ModelSpec:
         count_prior=model.count_prior,
         done_peak=model.done_peak,
         backbone=model.backbone,
+        mark_extent=model.mark_extent,
         order=params.prepare.order,
         row_height=params.prepare.row_height,
     )
@@ -267,6 +278,9 @@ class StepOutput(NamedTuple):
     done_logit: Tensor  # [B]
     heat_logits: Tensor  # [B, grid, grid]
     left_map: Tensor | None = None  # [B, grid, grid] unmarked-object density (count_head)
+    # [B] log of the objects' radius (grid cells) in each step's image (mark_extent > 0);
+    # training attaches it to score the encoder's extent estimate with the steps.
+    log_radius: Tensor | None = None
 
 
 def make_coord_grid(grid: int) -> Tensor:
@@ -389,8 +403,16 @@ class _Encoder(nn.Module):
             nn.Conv2d(c + 2, spec.step_channels, 1, bias=False), nn.BatchNorm2d(spec.step_channels)
         )
         self.register_buffer("coords_grid", make_coord_grid(spec.grid), persistent=False)
+        if spec.mark_extent > 0:
+            # The objects' radius from the pooled head features: one number per image (the
+            # objects counted are of one kind, about one size).
+            self.extent = nn.Linear(2 * c, 1)
+            nn.init.zeros_(self.extent.weight)
+            nn.init.constant_(self.extent.bias, _EXTENT_PRIOR_LOG)
 
-    def forward(self, images: Tensor, exemplar_mask: Tensor | None) -> Tensor:
+    def forward(self, images: Tensor, exemplar_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Features ``[B, C, g, g]`` and, with ``mark_extent``, the log object radius ``[B]``
+        (grid cells), else None."""
         b = images.shape[0]
         skips = self._pyramid(images)
         top = skips[-1]
@@ -401,7 +423,12 @@ class _Encoder(nn.Module):
         if exemplar_mask is not None:
             p = self._condition(p, exemplar_mask)
         coords = self.coords_grid.unsqueeze(0).expand(b, -1, -1, -1)
-        return self.project(torch.cat([self.head(p), coords], dim=1))
+        h = self.head(p)
+        features = self.project(torch.cat([h, coords], dim=1))
+        if self.spec.mark_extent <= 0:
+            return features, None
+        pooled = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
+        return features, self.extent(pooled).squeeze(1)
 
     def _pyramid(self, images: Tensor) -> list[Tensor]:
         """The feature maps from the grid's stride down to the deepest, finest first."""
@@ -551,6 +578,13 @@ class SeqCounter(nn.Module):
     def encode(self, images: Tensor, exemplar_mask: Tensor | None = None) -> Tensor:
         """``images [B,3,S,S]`` (+ ``exemplar_mask [B,1,g,g]`` iff ``spec.exemplars``) ->
         features ``[B, feature_channels, g, g]``."""
+        return self.encode_extent(images, exemplar_mask)[0]
+
+    def encode_extent(
+        self, images: Tensor, exemplar_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """:meth:`encode` and the log of the objects' radius in grid cells ``[B]`` (None
+        unless ``spec.mark_extent``): what the marks of each image's loop follow."""
         spec = self.spec
         if spec.exemplars and exemplar_mask is None:
             raise ValueError("encode: this model was built with exemplars; pass exemplar_mask")
@@ -561,6 +595,14 @@ class SeqCounter(nn.Module):
             if exemplar_mask is not None:
                 _check_shape("exemplar_mask", exemplar_mask, (1, spec.grid, spec.grid))
         return self.encoder(images, exemplar_mask)
+
+    def mark_sigmas(self, log_radius: Tensor | None, batch: int) -> Tensor:
+        """``[B]`` each image's mark radius (grid cells): ``spec.mark_sigma`` for fixed
+        marks, else :func:`seqops.imaging.extent_mark_sigma` of the estimated radius."""
+        if log_radius is None:
+            return torch.full((batch,), self.spec.mark_sigma)
+        low, high = imaging.EXTENT_SIGMA_BOUNDS
+        return (log_radius.float().exp() * self.spec.mark_extent).clamp(low, high)
 
     def step(self, features: Tensor, marks: Tensor) -> StepOutput:
         """``features [B,C,g,g]`` from :meth:`encode` + ``marks [B,1,g,g]`` -> StepOutput."""

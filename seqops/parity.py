@@ -69,14 +69,18 @@ def check_parity(
     cpu = ["CPUExecutionProvider"]
     encoder = ort.InferenceSession(str(encoder_path), opts, providers=cpu)
     step = ort.InferenceSession(str(step_path), opts, providers=cpu)
-    io = encoder_io(model.spec.exemplars)  # inputs are named as the graphs' inputs
+    spec = model.spec
+    io = encoder_io(spec.exemplars, spec.mark_extent > 0)  # named as the graphs' inputs
     feed = {name: inputs[name] for name in io.inputs}
-    (features_ort,) = encoder.run(list(io.outputs), feed)
+    features_ort, *sigma_ort = encoder.run(list(io.outputs), feed)
     diffs: dict[str, float] = {}
     with torch.no_grad():
-        mask = torch.from_numpy(feed["exemplar_mask"]) if model.spec.exemplars else None
-        features_torch = model.encode(torch.from_numpy(inputs["image"]), mask)
+        mask = torch.from_numpy(feed["exemplar_mask"]) if spec.exemplars else None
+        features_torch, log_radius = model.encode_extent(torch.from_numpy(inputs["image"]), mask)
         diffs["features"] = _max_abs(features_ort, features_torch.numpy())
+        if sigma_ort:
+            sigma_torch = model.mark_sigmas(log_radius, PARITY_BATCH).numpy()
+            diffs["mark_sigma"] = _max_abs(sigma_ort[0], sigma_torch)
         for name in PARITY_MARKS:
             marks = inputs[name]
             step_feed = dict(zip(STEP_IO.inputs, (features_ort, marks), strict=True))

@@ -30,7 +30,6 @@ from seqops.contract import (
     STEP_IO,
     ContractError,
     ModelInfo,
-    encoder_io,
     is_model_dir,
     parse_metadata,
     require_model_dir,
@@ -304,11 +303,20 @@ class Predictor:
 
     def encode(self, images: Sequence[PreparedImage]) -> np.ndarray:
         """Run the encoder on a batch: ``[B, C, g, g]`` features."""
+        return self.encode_marked(images)[0]
+
+    def encode_marked(self, images: Sequence[PreparedImage]) -> tuple[np.ndarray, np.ndarray]:
+        """Run the encoder on a batch: ``[B, C, g, g]`` features and ``[B]`` the radius of
+        each image's marks, grid cells (the encoder's, when marks follow the object's
+        extent; else the model's ``mark_sigma``)."""
         inputs = [np.stack([im.pixels for im in images])]
         if self.info.exemplars:
             inputs.append(np.stack([im.exemplar_mask for im in images]))
-        io = encoder_io(self.info.exemplars)
-        return self._encoder.run(list(io.outputs), dict(zip(io.inputs, inputs, strict=True)))[0]
+        io = self.info.encoder_io
+        outputs = self._encoder.run(list(io.outputs), dict(zip(io.inputs, inputs, strict=True)))
+        if len(outputs) > 1:
+            return outputs[0], outputs[1]
+        return outputs[0], np.full(len(images), self.info.mark_sigma, np.float32)
 
     def step(self, features: np.ndarray, marks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Run one step on a batch: normalised ``xy`` ``[B, 2]`` and ``done`` ``[B]``."""
@@ -317,15 +325,20 @@ class Predictor:
         return xy, done
 
     def start(
-        self, images: Sequence[PreparedImage], features: np.ndarray | None = None
+        self,
+        images: Sequence[PreparedImage],
+        encoded: tuple[np.ndarray, np.ndarray] | None = None,
+        initial_points: Sequence[Sequence[Sequence[float]]] | None = None,
     ) -> list[Rollout]:
-        """One fresh :class:`Rollout` per image, holding its encoding (encoded here unless
-        ``features`` is given)."""
-        if features is None:
-            features = self.encode(images)
-        grid, sigma = self.info.grid, self.info.mark_sigma
+        """One :class:`Rollout` per image, holding its encoding (``encode_marked``'s, run here
+        unless ``encoded`` is given), fresh or continuing from ``initial_points`` (normalised,
+        one list per image)."""
+        features, sigmas = self.encode_marked(images) if encoded is None else encoded
+        initial = initial_points or [()] * len(images)
         return [
-            Rollout.start(grid, sigma, image=im, features=features[i])
+            Rollout.start(
+                self.info.grid, float(sigmas[i]), initial[i], image=im, features=features[i]
+            )
             for i, im in enumerate(images)
         ]
 
@@ -364,8 +377,8 @@ class Predictor:
             for im, ex in zip(images, exemplars, strict=True)
         ]
         t_prep = time.perf_counter()
-        features = self.encode(prepared)
-        rollouts = self.start(prepared, features)
+        features, sigmas = self.encode_marked(prepared)
+        rollouts = self.start(prepared, (features, sigmas))
         t_enc = time.perf_counter()
         run_rollouts(rollouts, self._stepper(features), threshold, max_objects, deadline)
         t_end = time.perf_counter()
@@ -419,9 +432,9 @@ class Predictor:
             (1.0, 1.0),
             np.zeros((1, grid, grid), np.float32) if self.info.exemplars else None,
         )
-        features = self.encode([blank])
+        encoded = self.encode_marked([blank])
         threshold = self.info.done_threshold
-        run_rollouts(self.start([blank], features), self._stepper(features), threshold, 1)
+        run_rollouts(self.start([blank], encoded), self._stepper(encoded[0]), threshold, 1)
 
 
 def default_threads(workers: int = 1) -> int:

@@ -314,13 +314,11 @@ class StepBatcher:
 
     def _encode_run(self, run: Sequence[Job]) -> None:
         """Encode a run of newcomers and start their rollouts."""
-        info = self.predictor.info
-        features = self.predictor.encode([job.image for job in run])
-        for job, job_features in zip(run, features, strict=True):
-            job.rollout = Rollout.start(
-                info.grid, info.mark_sigma, job.initial_points,
-                image=job.image, features=job_features,
-            )  # fmt: skip
+        rollouts = self.predictor.start(
+            [job.image for job in run], initial_points=[job.initial_points for job in run]
+        )
+        for job, rollout in zip(run, rollouts, strict=True):
+            job.rollout = rollout
             job.sent = len(job.initial_points)
 
     def _step_run(self, run: tuple[Job, ...]) -> tuple[list[bool], np.ndarray]:

@@ -26,7 +26,13 @@ from seqops.data.manifest import (
     read_manifest,
 )
 from seqops.data.sampling import ImageSteps, sample_image_steps
-from seqops.imaging import load_image, normalize_pixels, render_exemplar_mask
+from seqops.imaging import (
+    exemplar_radius_px,
+    extent_mark_sigma,
+    load_image,
+    normalize_pixels,
+    render_exemplar_mask,
+)
 from seqops.model import ModelSpec
 from seqops.training.loop_states import loop_steps, replace_tail
 from seqops.transforms import augment_image
@@ -34,6 +40,10 @@ from seqops.transforms import augment_image
 # Validation steps come from this fixed seed, whatever train.seed is, so val/loss compares
 # across epochs and across runs.
 VAL_SEED = 1234
+# With marks that follow the object's extent, a training image's marks take its true radius
+# times a log-normal factor of this std: the encoder's estimate is off by about as much, and
+# the step must not depend on the exact radius.
+EXTENT_JITTER = 0.1
 
 
 def load_pixels(dataset_dir: str | Path, records: list[Record], image_size: int) -> np.ndarray:
@@ -111,6 +121,19 @@ class StepDataset(Dataset):
         # nearest_unmarked: the loop marks objects in its own order, so mark random subsets.
         self.shuffle = train.target == "nearest_unmarked"
         self.grid, self.mark_sigma, self.exemplars = spec.grid, spec.mark_sigma, spec.exemplars
+        # Marks that follow the object's extent (spec.mark_extent): each image's objects'
+        # radius in grid cells, from its exemplar boxes (NaN without: fixed marks, no target).
+        self.mark_extent = spec.mark_extent
+        self.radius_cells = np.asarray(
+            [exemplar_radius_px(r.exemplars_array()) / spec.stride for r in self.records],
+            np.float32,
+        )
+        if self.mark_extent > 0 and not np.isfinite(self.radius_cells).any():
+            raise DatasetError(
+                f"{manifest_path(dataset_dir, split)}: model.mark_extent={self.mark_extent} "
+                "learns the objects' size from exemplar boxes, and no record has any (set "
+                "model.mark_extent=0)"
+            )
         self.mean, self.std = spec.mean, spec.std  # the backbone's input normalisation
         self.seed = seed
         self.epoch = 0
@@ -138,6 +161,18 @@ class StepDataset(Dataset):
         boxes = self.records[index].exemplars_array()
         return render_exemplar_mask(boxes, self.image_size, self.grid)[None]
 
+    def image_mark_sigma(self, index: int) -> float:
+        """The radius (grid cells) of image ``index``'s marks: ``spec.mark_sigma``, or with
+        ``mark_extent`` the share of its objects' radius (jittered in training)."""
+        radius = float(self.radius_cells[index])
+        if self.mark_extent <= 0 or not np.isfinite(radius):
+            return self.mark_sigma
+        if self.augment is not None:
+            # Its own stream: the steps and image noise draw what they drew without it.
+            jitter = np.random.default_rng([self.seed, self.epoch, index, 1]).normal()
+            radius *= float(np.exp(EXTENT_JITTER * jitter))
+        return float(extent_mark_sigma(radius, self.mark_extent))
+
     def image_pixels(self, index: int, rng: np.random.Generator) -> np.ndarray:
         """uint8 ``[S, S, 3]`` of image ``index``, for training as ``train.augment``'s image
         noise transforms it (drawn from the item's ``rng`` after its steps, so the steps do not
@@ -155,18 +190,19 @@ class StepDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
         rng = self.rng(index)
+        mark_sigma = self.image_mark_sigma(index)
         steps = sample_image_steps(
             record.points_array(),
             rng,
             image_size=self.image_size,
             sampling=self.sampling,
             grid=self.grid,
-            mark_sigma=self.mark_sigma,
+            mark_sigma=mark_sigma,
             augment=self.augment,
             shuffle=self.shuffle,
         )
         if index in self.loop_points:
-            steps = self._with_loop_steps(steps, index, rng)
+            steps = self._with_loop_steps(steps, index, rng, mark_sigma)
         item = {
             "image": normalize_pixels(self.image_pixels(index, rng), self.mean, self.std),
             "marks": steps.marks[:, None],
@@ -175,12 +211,13 @@ class StepDataset(Dataset):
             "unmarked": steps.unmarked,
             "points": record.points_array() * (2.0 / self.image_size) - 1.0,
             "index": index,
+            "log_radius": np.log(self.radius_cells[index]),  # NaN: no exemplars, no target
         }
         if self.exemplars:
             item["exemplar_mask"] = self.exemplar_mask(index)
         return item
 
-    def _with_loop_steps(self, steps: ImageSteps, index: int, rng) -> ImageSteps:
+    def _with_loop_steps(self, steps: ImageSteps, index: int, rng, mark_sigma: float) -> ImageSteps:
         """Replace the last ``loop_share`` of the steps (uniform-k ones; the done steps come
         first) with states of the model's own loop on this image."""
         count = min(round(self.loop_share * len(steps.k)), len(steps.k))
@@ -188,7 +225,7 @@ class StepDataset(Dataset):
             return steps
         loop = loop_steps(
             self.records[index].points_array(), self.loop_points[index], rng, count=count,
-            image_size=self.image_size, grid=self.grid, mark_sigma=self.mark_sigma,
+            image_size=self.image_size, grid=self.grid, mark_sigma=mark_sigma,
             radius_px=self.loop_radius_px,
         )  # fmt: skip
         return replace_tail(steps, loop)
@@ -200,7 +237,8 @@ def collate_steps(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     Returns tensors: ``images [B,3,S,S]``, optional ``exemplar_mask [B,1,g,g]``, ``marks
     [BK,1,g,g]``, ``target_xy [BK,2]``, ``done [BK]``, ``step_image [BK]`` (image of each
     step), ``points [BK,Nmax,2]`` and ``unmarked [BK,Nmax]`` (padded; for
-    ``nearest_unmarked`` targets), ``index [B]`` (dataset indices).
+    ``nearest_unmarked`` targets), ``index [B]`` (dataset indices), ``log_radius [BK]`` (log
+    object radius, grid cells, of each step's image; NaN without exemplars).
     """
     steps = [len(it["done"]) for it in items]
     n_max = max(1, max(len(it["points"]) for it in items))
@@ -222,6 +260,9 @@ def collate_steps(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         "points": torch.from_numpy(points),
         "unmarked": torch.from_numpy(unmarked),
         "index": torch.tensor([it["index"] for it in items]),
+        "log_radius": torch.from_numpy(
+            np.repeat(np.asarray([it["log_radius"] for it in items], np.float32), steps)
+        ),
     }
     if "exemplar_mask" in items[0]:
         batch["exemplar_mask"] = torch.from_numpy(np.stack([it["exemplar_mask"] for it in items]))

@@ -149,3 +149,13 @@ def nearest_unmarked_targets(pred_xy: Tensor, points: Tensor, valid: Tensor) -> 
     index = dist.argmin(dim=1)  # [B]
     nearest = points.gather(1, index[:, None, None].expand(-1, 1, 2)).squeeze(1)
     return torch.where(valid.any(dim=1, keepdim=True), nearest, pred).detach()
+
+
+def extent_loss(log_radius: Tensor, target_log_radius: Tensor) -> Tensor:
+    """Smooth L1 of the log object radius against its target, per example ``[B]``; zero
+    (with a zero gradient, so every rank's graph is the same) where the target is NaN (an
+    image without exemplar boxes to measure the objects by)."""
+    known = torch.isfinite(target_log_radius)
+    target = torch.where(known, target_log_radius, log_radius.detach())
+    loss = F.smooth_l1_loss(log_radius, target.to(log_radius.dtype), reduction="none", beta=0.1)
+    return torch.where(known, loss, torch.zeros_like(loss))

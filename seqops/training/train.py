@@ -316,8 +316,11 @@ class ManyStepNet(nn.Module):
     def forward(
         self, images: Tensor, marks: Tensor, step_image: Tensor, exemplar_mask: Tensor | None
     ) -> StepOutput:
-        features = self.model.encode(images, exemplar_mask)
-        return self.model.step(features.index_select(0, step_image), marks)
+        features, log_radius = self.model.encode_extent(images, exemplar_mask)
+        out = self.model.step(features.index_select(0, step_image), marks)
+        if log_radius is None:
+            return out
+        return out._replace(log_radius=log_radius.index_select(0, step_image))
 
 
 # Images per rollout batch when the loop's own states are collected (train.loop_share).

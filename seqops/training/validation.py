@@ -41,6 +41,7 @@ class StepLosses:
     mse: Tensor
     done: Tensor
     count: Tensor  # the count head's loss (zeros without one)
+    extent: Tensor  # the extent estimate's loss (zeros without mark_extent or a target)
     live: Tensor
     target_xy: Tensor  # the target each step was scored against (0 where done)
 
@@ -64,21 +65,25 @@ def compute_step_losses(out: StepOutput, batch: dict[str, Tensor], cfg: TrainCon
             batch["points"], batch["unmarked"], left.shape[-1], cfg.loss.heatmap_sigma
         )
         count = losses.count_loss(left, density)
+    extent = torch.zeros_like(done_target)
+    if out.log_radius is not None:
+        extent = losses.extent_loss(out.log_radius.float(), batch["log_radius"])
     return StepLosses(
         spatial=losses.spatial_loss(xy, target, cfg.loss.threshold, cfg.loss.variant),
         heatmap=losses.heatmap_loss(out.heat_logits.float(), target, cfg.loss.heatmap_sigma),
         mse=losses.mse_loss(xy, target),
         done=losses.done_loss(out.done_logit.float(), done_target, cfg.loss.pos_weight),
         count=count,
+        extent=extent,
         live=live,
         target_xy=target,
     )
 
 
 def reduce_losses(step: StepLosses, cfg: TrainConfig) -> dict[str, Tensor]:
-    """Batch means: ``loss = spatial + w_heatmap * heatmap + w_done * done + w_count * count``
-    (spatial, heat map and MSE over the steps with an object left; done and count over all:
-    at a done step the count head must say that nothing is left)."""
+    """Batch means: ``loss = spatial + w_heatmap * heatmap + w_done * done + w_count * count
+    + w_extent * extent`` (spatial, heat map and MSE over the steps with an object left; done,
+    count and extent over all: at a done step the count head must say that nothing is left)."""
     weight = step.live.float()
     live_steps = weight.sum().clamp_min(1.0)
     spatial = (step.spatial * weight).sum() / live_steps
@@ -86,19 +91,24 @@ def reduce_losses(step: StepLosses, cfg: TrainConfig) -> dict[str, Tensor]:
     mse = (step.mse * weight).sum() / live_steps
     done = step.done.mean()
     count = step.count.mean()
-    return loss_terms(cfg, spatial, heatmap, done, count, mse)
+    return loss_terms(cfg, spatial, heatmap, done, count, mse, step.extent.mean())
 
 
-def loss_terms(cfg: TrainConfig, spatial, heatmap, done, count, mse) -> dict[str, Any]:
+def loss_terms(cfg: TrainConfig, spatial, heatmap, done, count, mse, extent) -> dict[str, Any]:
     """The logged terms and their weighted sum ``loss`` (tensors in training, floats in
     validation): the one place the terms are weighted."""
     w = cfg.loss
     return {
-        "loss": spatial + w.w_heatmap * heatmap + w.w_done * done + w.w_count * count,
+        "loss": spatial
+        + w.w_heatmap * heatmap
+        + w.w_done * done
+        + w.w_count * count
+        + w.w_extent * extent,
         "loss_spatial": spatial,
         "loss_done": done,
         "loss_heatmap": heatmap,
         "loss_count": count,
+        "loss_extent": extent,
         "mse": mse,
     }
 
@@ -120,7 +130,7 @@ class ValAccumulator:
 
     def __init__(self, cfg: TrainConfig, image_size: int, done_threshold: float) -> None:
         self.cfg, self.image_size, self.done_threshold = cfg, image_size, done_threshold
-        self.sums = {"spatial": 0.0, "heatmap": 0.0, "mse": 0.0, "done": 0.0, "count": 0.0}
+        self.sums = dict.fromkeys(("spatial", "heatmap", "mse", "done", "count", "extent"), 0.0)
         self.live = 0
         self.steps = 0
         self.px_err: list[np.ndarray] = []
@@ -133,6 +143,7 @@ class ValAccumulator:
             self.sums[name] += float(getattr(step, name)[live].sum())
         self.sums["done"] += float(step.done.sum())
         self.sums["count"] += float(step.count.sum())
+        self.sums["extent"] += float(step.extent.sum())
         self.live += int(live.sum())
         self.steps += len(live)
         # Euclidean error at model input size: normalised units * S/2 pixels.
@@ -146,7 +157,8 @@ class ValAccumulator:
         spatial = self.sums["spatial"] / live
         heatmap = self.sums["heatmap"] / live
         done, count = self.sums["done"] / steps, self.sums["count"] / steps
-        metrics = loss_terms(self.cfg, spatial, heatmap, done, count, self.sums["mse"] / live)
+        mse, extent = self.sums["mse"] / live, self.sums["extent"] / steps
+        metrics = loss_terms(self.cfg, spatial, heatmap, done, count, mse, extent)
         err = np.concatenate(self.px_err) if self.px_err else np.zeros(0)
         if len(err):
             metrics["px_err_mean"] = float(err.mean())
@@ -181,7 +193,8 @@ def rollout(
     spec = model.spec
     images = torch.from_numpy(normalize_pixels(pixels, spec.mean, spec.std)).to(device)
     masks = None if exemplar_masks is None else torch.from_numpy(exemplar_masks).to(device)
-    features = model.encode(images, masks)
+    features, log_radius = model.encode_extent(images, masks)
+    sigmas = model.mark_sigmas(log_radius, len(pixels)).cpu().numpy()
 
     # The features of the images still running, compacted only when one stops: the active
     # set shrinks a few times per batch, and copying the features at every step cost as much
@@ -195,7 +208,7 @@ def rollout(
         out = model.step(held["features"], torch.from_numpy(marks).to(device))
         return out.xy.float().cpu().numpy(), torch.sigmoid(out.done_logit.float()).cpu().numpy()
 
-    rollouts = [Rollout.start(spec.grid, spec.mark_sigma) for _ in range(len(pixels))]
+    rollouts = [Rollout.start(spec.grid, float(sigma)) for sigma in sigmas]
     run_rollouts(rollouts, step, threshold, max_steps)
     return [np.asarray(r.points_norm, np.float32).reshape(-1, 2) for r in rollouts]
 
@@ -238,8 +251,10 @@ def validate(
     for batch in loader:
         batch = to_device(batch, device)
         with autocast(device):
-            features = model.encode(batch["images"], batch.get("exemplar_mask"))
+            features, log_radius = model.encode_extent(batch["images"], batch.get("exemplar_mask"))
             out = model.step(features.index_select(0, batch["step_image"]), batch["marks"])
+            if log_radius is not None:
+                out = out._replace(log_radius=log_radius.index_select(0, batch["step_image"]))
         acc.update(out, compute_step_losses(out, batch, cfg), batch["done"])
     metrics = {f"val/{k}": v for k, v in acc.result().items()}
     count = min(cfg.rollout_images, len(val_ds))
@@ -282,7 +297,7 @@ def draw_val_pictures(
             image_size=size,
             sampling=val_ds.sampling,
             grid=spec.grid,
-            mark_sigma=spec.mark_sigma,
+            mark_sigma=val_ds.image_mark_sigma(i),
             ks=np.array([k]),
             shuffle=val_ds.shuffle,
         )
