@@ -111,6 +111,8 @@ SERVERS = {
     "seqops-before": (["-c", "import sys; sys.path.insert(0, sys.argv.pop(1)); "
                        "from seqops.cli import main; sys.exit(main())", "{before}",
                        *_SEQOPS_ENTRY[2:]], "/readyz"),
+    # The same app and flags under granian (Rust HTTP, ASGI) instead of uvicorn.
+    "seqops-granian": ([str(PEERS_DIR / "granian_seqops.py"), *_SEQOPS_ENTRY[3:]], "/readyz"),
     "plain": ([str(PEERS_DIR / "plain_fastapi.py"), "--model", "{model}", "--port", "{port}"],
               "/healthz"),
     "litserve": ([str(PEERS_DIR / "litserve_batched.py"), "--model", "{model}", "--port",
@@ -289,18 +291,22 @@ _PNG = {"content-type": "image/png"}
 
 
 def request_cpu_seconds(predictor, png: bytes, objects: int, repeats: int = 5) -> float:
-    """The onnxruntime CPU time of one request of ``objects`` objects: its encoding and its
-    steps at batch 1, on one intra-op thread (onnxruntime runs on the calling thread then,
-    so its thread time is the graphs' arithmetic and nothing else); median of ``repeats``.
-    Decoding, the loop's Python, JSON and HTTP are left out: they count against a server."""
+    """The onnxruntime CPU time of one request with ``max_objects=objects``: its encoding and
+    the steps the model takes on the image (``objects`` with the random-init model, whose done
+    head never fires; fewer with a trained one that says done first) at batch 1, on one
+    intra-op thread (onnxruntime runs on the calling thread then, so its thread time is the
+    graphs' arithmetic and nothing else); median of ``repeats``. Decoding, the loop's
+    Python, JSON and HTTP are left out: they count against a server."""
     image = predictor.prepare(png)
+    (prediction,) = predictor.predict([image], max_objects=objects)
+    steps = len(prediction.done_probs)  # one done probability a step
     features = predictor.encode([image])
     marks = np.zeros((1, 1, predictor.info.grid, predictor.info.grid), np.float32)
     times = []
     for _ in range(repeats + 1):  # the first warms the caches
         t0 = time.thread_time()
         features = predictor.encode([image])
-        for _ in range(objects):
+        for _ in range(steps):
             predictor.step(features, marks)
         times.append(time.thread_time() - t0)
     return statistics.median(times[1:])
@@ -338,6 +344,8 @@ def run_closed_loops(model: str, png: bytes, args: argparse.Namespace) -> list[d
         loads.append((f"mixed {half} x {args.few} + {half} x {args.many}",
                       [args.few] * half + [args.many] * half))  # fmt: skip
     bodies = {n: form_body(png, n) for n in (args.few, args.many)}
+    if args.interleave:
+        return aggregate(run_interleaved(model, loads, bodies, predictor, png, args))
     rows = []
     for round_ in range(args.rounds):
         for kind in args.servers[:: 1 if round_ % 2 == 0 else -1]:
@@ -351,6 +359,30 @@ def run_closed_loops(model: str, png: bytes, args: argparse.Namespace) -> list[d
             finally:
                 server.stop()
     return aggregate(rows)
+
+
+def run_interleaved(model, loads, bodies, predictor, png, args) -> list[dict]:
+    """``--interleave``: every server started at once (the others idle meanwhile), then load
+    by load the servers in turn, alternating their order between rounds. The runs of one
+    load on two servers are seconds apart, not minutes: on a machine whose other jobs come
+    and go, the pairs compare like with like."""
+    servers = []
+    try:
+        for kind in args.servers:
+            servers.append(ServerProcess(model, kind=kind))
+        for server in servers:
+            server.wait_ready()
+            asyncio.run(closed_loop(server.base, [args.few] * 2, bodies, 1.0))  # warm-up
+        rows = []
+        for name, counts in loads:
+            seconds = {n: request_cpu_seconds(predictor, png, n) for n in set(counts)}
+            for round_ in range(args.rounds):
+                for server in servers[:: 1 if round_ % 2 == 0 else -1]:
+                    rows.append(measure(server, name, counts, bodies, args.duration, seconds))
+        return rows
+    finally:
+        for server in servers:
+            server.stop()
 
 
 def measure(
@@ -382,6 +414,7 @@ def measure(
     # Each answered request needed its onnxruntime CPU time: that over the cores' time is
     # the share of the bound reached (for one kind of request, throughput / (cores / t)).
     used = sum(r["throughput_rps"] * request_s[n] for n, r in results.items())
+    answered = sum(r["ok"] for r in results.values())
     row = {
         "server": server.kind,
         "load": name,
@@ -394,6 +427,9 @@ def measure(
         "bound_pct": round(100 * used / cores, 1),
         "rss_peak_mb": rss,
         "server_cpu_cores": round(server_cpu / elapsed, 2),
+        # What a request costs the server, however many cores others left it: the figure an
+        # HTTP stack changes, steadier than req/s on a shared machine.
+        "server_cpu_ms_per_request": round(1e3 * server_cpu / answered, 2) if answered else None,
         "loadgen_cpu_cores": round(own_cpu / elapsed, 2),
         "failed": sum(r["requests"] - r["ok"] for r in results.values()),
         "mean_batch": round(images / steps, 2) if steps else None,
@@ -423,12 +459,14 @@ def aggregate(rows: list[dict]) -> list[dict]:
         groups.setdefault((row["server"], row["load"]), []).append(row)
     merged = []
     numeric = ("throughput_rps", "objects_per_s", "p50_ms", "p99_ms", "bound_rps", "bound_pct",
-               "rss_peak_mb", "server_cpu_cores", "loadgen_cpu_cores")  # fmt: skip
+               "rss_peak_mb", "server_cpu_cores", "server_cpu_ms_per_request",
+               "loadgen_cpu_cores")  # fmt: skip
     for (server, load), group in groups.items():
         row = {"server": server, "load": load, "clients": group[0]["clients"],
                "rounds": len(group)}  # fmt: skip
         for key in numeric:
-            row[key] = round(statistics.median(r[key] for r in group), 2)
+            values = [r[key] for r in group if r[key] is not None]
+            row[key] = round(statistics.median(values), 2) if values else None
         batches = [r["mean_batch"] for r in group if r["mean_batch"] is not None]
         row["mean_batch"] = round(statistics.median(batches), 2) if batches else None
         row["failed"] = sum(r["failed"] for r in group)
@@ -653,21 +691,22 @@ def table(rows: list[dict]) -> str:
     mixed load, a row per kind of request beneath)."""
     lines = [
         "| load | server | req/s | objects/s | p50 ms | p99 ms | RSS MB | % of bound "
-        "| server CPU | load gen. CPU | mean batch |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| server CPU | CPU ms / req | load gen. CPU | mean batch |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in sorted(rows, key=lambda r: (_load_order(r["load"]), r["server"])):
         lines.append(
             f"| {r['load']} | {r['server']} | {r['throughput_rps']} | {r['objects_per_s']} | "
             f"{r['p50_ms']} | {r['p99_ms']} | {r['rss_peak_mb']} | {r['bound_pct']}% "
-            f"(of {r['bound_rps']}/s) | {r['server_cpu_cores']} | {r['loadgen_cpu_cores']} | "
+            f"(of {r['bound_rps']}/s) | {r['server_cpu_cores']} | "
+            f"{r['server_cpu_ms_per_request']} | {r['loadgen_cpu_cores']} | "
             f"{r['mean_batch'] if r['mean_batch'] is not None else ''} |"
         )
         if len(r["kinds"]) > 1:
             for n, k in sorted(r["kinds"].items()):
                 lines.append(
                     f"| ... {n}-object requests | {r['server']} | {k['throughput_rps']} | "
-                    f"{k['objects_per_s']} | {k['p50_ms']} | {k['p99_ms']} | | | | | |"
+                    f"{k['objects_per_s']} | {k['p50_ms']} | {k['p99_ms']} | | | | | | |"
                 )
     return "\n".join(lines)
 
@@ -717,7 +756,9 @@ def compare(rows: list[dict], against: str) -> list[str]:
             f"seqops / {against}, {other['load']}:"
             f" req/s {r['throughput_rps'] / other['throughput_rps']:.2f}x,"
             f" objects/s {r['objects_per_s'] / other['objects_per_s']:.2f}x,"
-            f" p99 {r['p99_ms']} vs {other['p99_ms']} ms"
+            f" p99 {r['p99_ms']} vs {other['p99_ms']} ms,"
+            f" server CPU a request {r['server_cpu_ms_per_request']}"
+            f" vs {other['server_cpu_ms_per_request']} ms"
         )
     return lines
 
@@ -742,13 +783,20 @@ def main() -> None:
     parser.add_argument(
         "--servers", nargs="+", default=["seqops", "seqops-off"], type=_server_name,
         help="servers to load: seqops (batching on), seqops-off, seqops-2w (2 workers x 1"
-        " thread), seqops-1t (1 thread), seqops-h11 (h11 + asyncio), seqops-before (--before),"
+        " thread), seqops-1t (1 thread), seqops-h11 (h11 + asyncio), seqops-granian (granian),"
+        " seqops-before (--before),"
         " and the peers plain,"
         " litserve (benchmarks/peers/); NAME:ARG,ARG adds arguments to its command line"
         " (seqops:--encode-share=1)",
     )  # fmt: skip
     parser.add_argument("--peer", nargs="+", default=[], choices=sorted(set(SERVERS) - {"seqops"}),
                         help="servers added to --servers")  # fmt: skip
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="start every server at once and take them in turn load by load"
+        " (pairs seconds apart; the idle servers hold their memory meanwhile)",
+    )
     parser.add_argument("--no-overload", action="store_true", help="skip the open-loop overload")
     parser.add_argument("--before", type=Path, help="older code for the server seqops-before")
     parser.add_argument("--out", type=Path, help="write the results as JSON")
