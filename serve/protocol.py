@@ -8,9 +8,12 @@ counting against ``--max-connections``. Starting the same timer when the connect
 closes such sockets after ``--keep-alive`` seconds; any byte received cancels it, exactly as
 for a kept-alive connection between requests.
 
-Past ``--max-connections`` (uvicorn's ``limit_concurrency``) uvicorn answers 503 with the
-plain text "Service Unavailable"; here that answer is the API's JSON error, naming the limit,
-with ``Retry-After``.
+``--max-connections`` N (uvicorn's ``limit_concurrency``) means here: the first N
+connections to send a request are served, until they close; a request on any other gets 503,
+the API's JSON error naming the limit, with ``Retry-After``. uvicorn's own rule refuses a
+request whenever N connections are *open*, counting the refused ones and those that have not
+sent a byte yet, so a burst of 20 connections at once under ``--max-connections 8`` was
+refused entirely (20 of 20 answered 503), and so were N - 1 of N.
 """
 
 from __future__ import annotations
@@ -53,15 +56,11 @@ class HTTPProtocol(_Base):
     _headers_timer: asyncio.TimerHandle | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        """uvicorn's protocol, with ``--max-connections`` N meaning N connections served.
-
-        uvicorn refuses once the open connections, the asking one included, reach its
-        ``limit_concurrency``: N served N - 1. One more gives the N the flag says (and the
-        in-flight requests uvicorn also counts, one per connection, stay within it)."""
+        """uvicorn's protocol, with ``--max-connections`` N meaning N connections served
+        (:meth:`_admit`); uvicorn's own count is switched off."""
         super().__init__(*args, **kwargs)
         self.max_connections: int | None = self.limit_concurrency
-        if self.limit_concurrency is not None:
-            self.limit_concurrency += 1
+        self.limit_concurrency = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         """Start the idle timer at once: a request's first byte cancels it."""
@@ -83,17 +82,32 @@ class HTTPProtocol(_Base):
         super().on_headers_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        """The client went: no timer may fire on a closed transport."""
+        """The client went: no timer may fire on a closed transport; its place is free."""
         self._cancel_headers_timer()
+        _admitted(self.server_state).discard(self)
         super().connection_lost(exc)
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
-        """Run the request, or our refusal where uvicorn chose its own (the connection limit
-        is reached): uvicorn picks ``service_unavailable`` in the middle of its header
-        callback, and this is the one place after it that sees the choice."""
-        if app is service_unavailable:
+        """Run the request, or the JSON refusal when the connection limit is reached (the
+        one place after uvicorn's header callback that gets the request's app)."""
+        if app is service_unavailable or not self._admit():
             app = self._too_many_connections(cycle.scope["path"])
         super()._start_asgi_task(cycle, app)
+
+    def _admit(self) -> bool:
+        """True when this connection may be served: it already is, or fewer than
+        ``--max-connections`` are. A connection admitted keeps its place until it closes
+        (kept alive, it is closed after ``--keep-alive`` idle seconds), so at most N
+        requests run at once, one per admitted connection."""
+        if self.max_connections is None:
+            return True
+        admitted = _admitted(self.server_state)
+        if self in admitted:
+            return True
+        if len(admitted) >= self.max_connections:
+            return False
+        admitted.add(self)
+        return True
 
     def _too_many_connections(self, path: str) -> JSONResponse:
         """503 in the API's error format, naming the limit; the connection closes after it
@@ -117,3 +131,12 @@ class HTTPProtocol(_Base):
         if self._headers_timer is not None:
             self._headers_timer.cancel()
             self._headers_timer = None
+
+
+def _admitted(server_state: Any) -> set:
+    """The connections admitted under ``--max-connections``, one set per server (uvicorn
+    shares its ``ServerState`` between the connections of one server)."""
+    admitted = getattr(server_state, "seqops_admitted", None)
+    if admitted is None:
+        admitted = server_state.seqops_admitted = set()
+    return admitted

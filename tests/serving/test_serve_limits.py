@@ -82,6 +82,34 @@ def test_the_last_connection_under_the_limit_is_served(server):
     assert response.json()["count"] == 3
 
 
+def test_a_burst_past_the_limit_serves_the_first_connections_and_refuses_the_rest(server):
+    """Twice the limit of connections open at once, then each sends a request: N are
+    served (their uploads held open), the other N get the 503 at once.
+    uvicorn's own count refused all of them (every one saw 2N connections open)."""
+    time.sleep(0.2)  # the previous tests' sockets are closed: their places are free
+    address = ("127.0.0.1", server.port)
+    socks = [socket.create_connection(address) for _ in range(2 * MAX_CONNECTIONS)]
+    head = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(PNG))  # fmt: skip
+    try:
+        time.sleep(0.1)  # every connection is open before any request
+        for sock in socks:
+            sock.sendall(head + PNG[:100])
+        answers = []
+        for sock in socks:
+            sock.settimeout(1.0)
+            try:
+                answers.append(sock.recv(4096))
+            except TimeoutError:
+                answers.append(b"")  # served: its upload is still open, no answer yet
+    finally:
+        for sock in socks:
+            sock.close()
+    refused = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
+    assert len(refused) == MAX_CONNECTIONS, answers
+    assert answers.count(b"") == MAX_CONNECTIONS  # served: still uploading, no answer
+
+
 def _post_form(server: Server, files: list, path: str = "/predict") -> httpx.Response:
     return httpx.post(f"{server.base}{path}", files=files, data={"max_objects": "2"}, timeout=10)
 
