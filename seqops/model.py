@@ -456,14 +456,23 @@ class _Encoder(nn.Module):
 
 
 class _Step(nn.Module):
-    """Features (already holding the coordinates) + marks -> heat logits, (x, y), done."""
+    """Features (already holding the coordinates) + marks -> heat logits, (x, y), done.
+
+    After the convolutions the step treats the cells as a sequence, ``[B, 1, g*g]``, in its
+    cell order: the scan's rank order with ``order_prior="scan"`` (the cells are permuted
+    once; the cumulative sum, the soft-argmax and its window then run in that order, over
+    cell centres permuted alike), row-major otherwise. Only ``heat_logits`` and
+    ``left_map`` go back to the grid; the exported graph returns (x, y) and done, so
+    that part drops out of it. At batch 1 a step costs per operator more than per
+    multiply-add, so the code keeps the exported graph's node count low.
+    """
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         s = spec.step_channels
+        self.grid = spec.grid
         self.head_kind = spec.head
         self.peak_window = spec.peak_window
-        self.register_buffer("coords", make_coord_grid(spec.grid), persistent=False)
         # The marks' term of the first layer (the rest came normalised from the encoder, so
         # BatchNorm never sees the marks' distribution, which differs in training and use).
         self.mark_in = nn.Conv2d(1, s, 1, bias=False)
@@ -476,9 +485,10 @@ class _Step(nn.Module):
         # The receptive field is local, so the order's global structure (rows, then x)
         # comes from a scan along the order over the whole grid (see ORDER_PRIORS).
         self.order_prior = spec.order_prior
+        order = torch.arange(spec.grid**2)
         if spec.order_prior == "scan":
             rank = make_rank_map(spec.grid, spec.stride, spec.order, spec.row_height)
-            # Cells in rank order (a gather), and back (the inverse permutation).
+            # Cells in rank order (a gather), and back to the grid (the inverse permutation).
             order = rank.flatten().argsort()
             self.register_buffer("scan_order", order, persistent=False)
             self.register_buffer("scan_inverse", order.argsort(), persistent=False)
@@ -486,6 +496,9 @@ class _Step(nn.Module):
             nn.init.normal_(self.objects.weight, std=1e-3)
             nn.init.constant_(self.objects.bias, _SCAN_PRIOR_LOGIT)
             self.scan_weight = nn.Parameter(torch.ones(()))
+        # The soft-argmax's coordinates: the cell centres, [g*g, 2], in the cell order.
+        cell_xy = make_coord_grid(spec.grid).flatten(1).t()[order].contiguous()
+        self.register_buffer("cell_xy", cell_xy, persistent=False)
         self.count_head, self.count_prior = spec.count_head, spec.count_prior
         if spec.count_head:
             self.left = nn.Conv2d(s, 1, 1)
@@ -504,42 +517,87 @@ class _Step(nn.Module):
             )
 
     def forward(self, features: Tensor, marks: Tensor) -> StepOutput:
+        exporting = _is_exporting()  # ~7 us a call in eager torch: once per step
+        if exporting:
+            # An identity, in the graph only: it takes the features into onnxruntime's
+            # blocked (NCHWc) layout, so the adds and ReLUs below fuse into the convolutions
+            # (without it they run apart, between layout conversions: ~7% of a step).
+            features = F.max_pool2d(features, 1)
         h = self.blocks(F.relu(features + self.mark_in(marks)))
-        heat_logits = self._conv1(self.heat, h)
-        pooled = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
+        g = self.grid
+        pooled = self._pool(h, exporting)
+        maps = self._maps(h)  # [B, k, g*g] row-major
+        # One permutation for all maps: GatherElements (its index expanded to the batch) is
+        # a plain loop in onnxruntime, Gather a copy call per cell (and in torch, gather on
+        # the last axis of [B, k, n] is ~20x faster than index_select).
+        cells = (
+            maps.gather(2, self.scan_order.expand_as(maps)) if self.order_prior == "scan" else maps
+        )
+        heat, *rest = cells.split(1, dim=1)  # [B, 1, g*g] each, in the cell order
         done_in, left_map = pooled, None
         if self.order_prior == "scan":
-            object_logits = self._conv1(self.objects, h)  # [B, g, g]
-            heat_logits = heat_logits - self.scan_weight * self._mass_before(object_logits)
+            object_logits = rest.pop(0)
+            heat = heat - self.scan_weight * self._mass_before(object_logits)
             if self.done_peak:
-                peak = object_logits.flatten(1).amax(dim=1, keepdim=True)
-                done_in = torch.cat([done_in, peak], dim=1)
+                done_in = torch.cat([done_in, object_logits.amax(dim=2)], dim=1)
         if self.count_head:
-            left_map = F.softplus(self._conv1(self.left, h))
-            done_in = torch.cat([done_in, torch.log1p(left_map.sum(dim=(1, 2)))[:, None]], dim=1)
+            left = F.softplus(rest.pop(0))
+            done_in = torch.cat([done_in, torch.log1p(left.sum(dim=2))], dim=1)
             if self.count_prior:
-                heat_logits = heat_logits + torch.log(left_map + _COUNT_PRIOR_FLOOR)
+                heat = heat + torch.log(left + _COUNT_PRIOR_FLOOR)
+            left_map = F.softplus(maps[:, -1]).view(-1, g, g)
         done_logit = self.done(done_in).squeeze(1)
-        if self.head_kind == "pooled":
-            xy = self.xy_mlp(pooled)
-        else:
-            xy = soft_argmax(heat_logits, self.coords, self.peak_window)
-        return StepOutput(xy=xy, done_logit=done_logit, heat_logits=heat_logits, left_map=left_map)
+        xy = self.xy_mlp(pooled) if self.head_kind == "pooled" else self._soft_argmax(heat)
+        return StepOutput(
+            xy=xy, done_logit=done_logit, heat_logits=self._to_grid(heat), left_map=left_map
+        )
+
+    def _pool(self, h: Tensor, exporting: bool) -> Tensor:
+        """``[B, 2C]``: the mean and the max of ``h`` over the grid. In the graph as pooling
+        windows over the whole grid (the same values), which onnxruntime runs in the
+        convolutions' blocked layout; in torch a 48-cell max-pool window is ~5x slower than
+        ``amax``."""
+        if exporting:
+            return torch.cat([F.avg_pool2d(h, self.grid), F.max_pool2d(h, self.grid)], 1).flatten(1)
+        return torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
+
+    def _maps(self, h: Tensor) -> Tensor:
+        """``[B, k, g*g]``: the 1x1 one-channel heads (heat, then objects and left when
+        present) as one matrix product; the weights are concatenated here, so each head
+        keeps its parameters (and checkpoints their names)."""
+        convs = [self.heat]
+        convs += [self.objects] if self.order_prior == "scan" else []
+        convs += [self.left] if self.count_head else []
+        weight = torch.cat([conv.weight.flatten(1) for conv in convs])  # [k, C]
+        bias = torch.cat([conv.bias for conv in convs])
+        return weight @ h.flatten(2) + bias[:, None]
 
     @staticmethod
-    def _conv1(conv: nn.Conv2d, h: Tensor) -> Tensor:
-        """A 1x1 conv to one channel as a matrix product, ``[B, g, g]``: the same weights,
-        ~6x faster on CPU than the convolution."""
-        return (conv.weight.view(1, -1) @ h.flatten(2)).view(h.shape[0], *h.shape[2:]) + conv.bias
+    def _mass_before(object_logits: Tensor) -> Tensor:
+        """The learned unmarked-object mass (the sigmoid of ``object_logits``, ``[B, 1, n]``
+        in rank order) of the cells before each cell (an exclusive cumulative sum)."""
+        objects = torch.sigmoid(object_logits)
+        return torch.cumsum(objects, dim=2) - objects
 
-    def _mass_before(self, object_logits: Tensor) -> Tensor:
-        """``[B, g, g]``: the learned unmarked-object mass (the sigmoid of ``object_logits``,
-        ``[B, g, g]``) of the cells before each cell in the order (an exclusive cumulative
-        sum; exports as Gather + CumSum)."""
-        objects = torch.sigmoid(object_logits).flatten(1)  # [B, g*g]
-        ranked = objects.index_select(1, self.scan_order)
-        before = torch.cumsum(ranked, dim=1) - ranked
-        return before.index_select(1, self.scan_inverse).view(object_logits.shape)
+    def _soft_argmax(self, heat: Tensor) -> Tensor:
+        """:func:`soft_argmax` of ``heat`` (``[B, 1, g*g]`` in the cell order) -> ``[B, 2]``:
+        the window is a mask on the logits before one softmax (the same renormalised
+        probabilities), its peak the argmax of the logits."""
+        if self.peak_window > 0:
+            peak = F.embedding(heat.argmax(dim=2), self.cell_xy).view(-1, 2, 1)  # [B, 2, 1]
+            # Chebyshev distance from the peak (cells are 2 / grid apart); half a cell of
+            # slack against rounding.
+            distance = (self.cell_xy.t() - peak).abs().amax(dim=1, keepdim=True)  # [B, 1, g*g]
+            inside = distance <= (self.peak_window + 0.5) * 2.0 / self.grid
+            heat = torch.where(inside, heat, float("-inf"))
+        return (torch.softmax(heat, dim=2) @ self.cell_xy).flatten(1)
+
+    def _to_grid(self, cells: Tensor) -> Tensor:
+        """``[B, 1, g*g]`` in the cell order -> ``[B, g, g]``."""
+        flat = cells.flatten(1)
+        if self.order_prior == "scan":
+            flat = flat.index_select(1, self.scan_inverse)
+        return flat.view(-1, self.grid, self.grid)
 
 
 class SeqCounter(nn.Module):

@@ -270,6 +270,22 @@ def test_pooled_head_exports_with_parity(tmp_path):
     assert info["parity"]["passed"] and info["head"] == "pooled"
 
 
+def test_step_graph_permutes_the_cells_once(tmp_path):
+    """At batch 1 a step's cost is mostly per node: the scan's rank order is reached by one
+    GatherElements and never left (the soft-argmax runs in it; the map back to the grid
+    serves training's heat_logits only, which the graph does not return)."""
+    spec = ModelSpec.from_preset(
+        "tiny", 64, False, order_prior="scan", count_head=True, count_prior=True, done_peak=True
+    )
+    model = make_untrained_model(spec, seed=0)
+    E.export_step(model, tmp_path / "step.onnx", shrink_params().export.opset, metadata={})
+    ops = [node.op_type for node in onnx.load(tmp_path / "step.onnx").graph.node]
+    assert ops.count("GatherElements") == 1
+    assert ops.count("Gather") == 1  # the peak's coordinates (the window's centre)
+    assert "GatherND" not in ops and "ScatterElements" not in ops
+    assert ops.count("MatMul") == 2  # the maps (heat, objects, left) at once; the expectation
+
+
 @pytest.mark.slow
 def test_export_registers_the_model_in_the_training_run(tmp_path, mlflow_uri, monkeypatch):
     import mlflow

@@ -154,6 +154,63 @@ def test_heatmap_head_returns_the_soft_argmax_of_its_heat_map() -> None:
     assert out.xy.abs().max() > 0.01  # not trivially the centre
 
 
+def _reference_step(stepper: torch.nn.Module, features: torch.Tensor, marks: torch.Tensor):
+    """The step as defined on the grid: each head a 1x1 convolution, the scan a gather into
+    rank order and back, mean and max pooling, :func:`soft_argmax` over the heat map."""
+    import torch.nn.functional as F
+
+    h = stepper.blocks(F.relu(features + stepper.mark_in(marks)))
+    b, g = h.shape[0], h.shape[-1]
+    heat = F.conv2d(h, stepper.heat.weight, stepper.heat.bias)[:, 0]
+    done_in = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
+    left_map = None
+    if stepper.order_prior == "scan":
+        logits = F.conv2d(h, stepper.objects.weight, stepper.objects.bias)[:, 0]
+        ranked = torch.sigmoid(logits).flatten(1)[:, stepper.scan_order]
+        before = torch.empty_like(ranked)
+        before[:, stepper.scan_order] = torch.cumsum(ranked, dim=1) - ranked
+        heat = heat - stepper.scan_weight * before.view(b, g, g)
+        if stepper.done_peak:
+            done_in = torch.cat([done_in, logits.flatten(1).amax(dim=1, keepdim=True)], dim=1)
+    if stepper.count_head:
+        left_map = F.softplus(F.conv2d(h, stepper.left.weight, stepper.left.bias)[:, 0])
+        done_in = torch.cat([done_in, torch.log1p(left_map.sum(dim=(1, 2)))[:, None]], dim=1)
+        if stepper.count_prior:
+            heat = heat + torch.log(left_map + 1e-3)
+    if stepper.head_kind == "pooled":
+        xy = stepper.xy_mlp(done_in[:, : 2 * h.shape[1]])
+    else:
+        xy = soft_argmax(heat, make_coord_grid(g), stepper.peak_window)
+    return StepOutput(xy, stepper.done(done_in)[:, 0], heat, left_map)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"order_prior": "none"},
+        {"order_prior": "none", "count_head": True, "count_prior": True, "peak_window": 0},
+        {"order_prior": "scan"},
+        {"order_prior": "scan", "count_head": True, "count_prior": True, "done_peak": True},
+        {"order_prior": "scan", "head": "pooled"},
+    ],
+)
+def test_step_in_cell_order_computes_the_step_defined_on_the_grid(options: dict) -> None:
+    """The step runs its maps as one matrix product and the scan, window and soft-argmax in
+    rank order (fewer exported nodes); the outputs are those of the grid's definition."""
+    model = _build("tiny", 64, **options)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.stepper.parameters():
+            p.add_(torch.randn_like(p) * 0.3)  # peaked maps, a scan that matters
+    features, marks = torch.randn(4, 16, 8, 8), torch.rand(4, 1, 8, 8)
+    with torch.no_grad():
+        got, want = model.step(features, marks), _reference_step(model.stepper, features, marks)
+    for name, a, b in zip(StepOutput._fields, got, want, strict=True):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-6, msg=name)
+
+
 def test_pooled_head_variant() -> None:
     model = _build("tiny", 64, head="pooled")
     with torch.no_grad():
@@ -196,6 +253,14 @@ def test_rank_map_is_the_order_of_the_cell_centres() -> None:
     assert not make_rank_map(grid, stride, "nearest_neighbor", 50.0).any()
 
 
+def _mass_before_on_grid(stepper: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The step's scan (``_mass_before``, in rank order) of the objects map of ``h``, on the
+    grid: ``[B, g, g]``."""
+    objects = stepper._maps(h)[:, 1:2]  # row 1: the objects map (row 0: heat)
+    before = stepper._mass_before(objects[:, :, stepper.scan_order])
+    return stepper._to_grid(before)
+
+
 def test_scan_prior_lowers_each_cell_by_the_object_mass_before_it() -> None:
     model = _build("tiny", 64, order_prior="scan")
     spec, stepper = model.spec, model.stepper
@@ -204,7 +269,7 @@ def test_scan_prior_lowers_each_cell_by_the_object_mass_before_it() -> None:
         stepper.objects.weight.zero_()
         stepper.objects.bias.fill_(30.0)  # every cell has mass 1: mass before = rank index
         h = torch.randn(2, spec.step_channels, spec.grid, spec.grid)
-        before = stepper._mass_before(stepper._conv1(stepper.objects, h))
+        before = _mass_before_on_grid(stepper, h)
     index = (rank + 1.0) / 2.0 * (spec.grid**2 - 1)
     torch.testing.assert_close(before, index.expand(2, -1, -1))
     # One object at cell (2, 5) (mass 1, elsewhere 0): only cells after it in the order pay.
@@ -216,7 +281,7 @@ def test_scan_prior_lowers_each_cell_by_the_object_mass_before_it() -> None:
         stepper.objects.bias.zero_()
         h = torch.zeros(1, spec.step_channels, spec.grid, spec.grid)
         h[:, :1] = mass
-        before = stepper._mass_before(stepper._conv1(stepper.objects, h))[0]
+        before = _mass_before_on_grid(stepper, h)[0]
     torch.testing.assert_close(before, (rank > rank[2, 5]).float(), atol=1e-6, rtol=0)
 
 
