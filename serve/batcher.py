@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+from PIL import Image
 
 from seqops import imaging
 from seqops.predictor import Predictor, PreparedImage
@@ -429,3 +430,38 @@ def _fail(job: Job, exc: BaseException) -> None:
         job.future.set_exception(exc)
     if job.stream is not None:
         job.stream.put_nowait(None)
+
+
+RUN_SIZES = (1, 2, 4, 8, 16)
+
+
+def choose_run_batch(per_image: dict[int, float], tolerance: float = 0.05) -> int:
+    """The smallest run size whose per-image step time is within ``tolerance`` of the best:
+    a smaller run answers sooner and interleaves more, so it wins unless it costs more."""
+    if not per_image:
+        raise ValueError("choose_run_batch: no measured run sizes")
+    best = min(per_image.values())
+    return min(size for size, cost in per_image.items() if cost <= best * (1.0 + tolerance))
+
+
+def measure_run_costs(
+    predictor: Predictor, sizes: Sequence[int] = RUN_SIZES, repeats: int = 5
+) -> dict[int, float]:
+    """Seconds per image of one step at each run size, the best of ``repeats`` runs (the
+    least disturbed by other work), on the features of a blank image's encoding."""
+    size = predictor.info.image_size
+    blank = predictor.prepare(Image.new("RGB", (size, size)))
+    features = predictor.encode([blank])
+    grid = predictor.info.grid
+    costs: dict[int, float] = {}
+    for n in sizes:
+        feats = np.repeat(features, n, axis=0)
+        marks = np.zeros((n, 1, grid, grid), np.float32)
+        predictor.step(feats, marks)  # the first run at a new shape allocates
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            predictor.step(feats, marks)
+            best = min(best, time.perf_counter() - start)
+        costs[n] = best / n
+    return costs

@@ -109,6 +109,12 @@ _METRICS = {
         "Steps run for one image (objects found + the final done step).",
         {"buckets": _STEPS_BUCKETS},
     ),
+    "run_batch": (
+        Gauge,
+        "seqops_run_batch",
+        "Images per step run: as set, else measured at start (the cheapest per image).",
+        {"multiprocess_mode": "max"},
+    ),
     "model_info": (
         Gauge,
         "seqops_model_info",
@@ -130,6 +136,7 @@ class ServeMetrics:
     step_seconds: Histogram
     batch_size: Histogram
     steps_per_request: Histogram
+    run_batch: Gauge
     model_info: Gauge
 
     def __init__(self) -> None:

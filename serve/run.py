@@ -34,7 +34,7 @@ SETTINGS_FLAGS = {
     "--device": ("device", str, "auto (CUDA only where it really works) | cpu | cuda"),
     "--threads": ("threads", int, "onnxruntime threads; 0: cores / workers / run threads"),
     "--max-active": ("max_active", int, "images looping together"),
-    "--run-batch": ("run_batch", int, "images per onnxruntime run; 0: 4 CPU, 64 CUDA"),
+    "--run-batch": ("run_batch", int, "images per onnxruntime run; 0: measured on CPU, 64 CUDA"),
     "--encode-share": (
         "encode_share", float,
         "share of an encoding charged to a request, in steps (fair share; 0: short first)",

@@ -38,6 +38,8 @@ from serve.batcher import (
     QueueFullError,
     ShuttingDownError,
     StepBatcher,
+    choose_run_batch,
+    measure_run_costs,
 )
 from serve.prometheus import ServeMetrics
 from serve.schemas import LoopOptions
@@ -157,11 +159,12 @@ class Service:
                 info.name, self.version, info.preset or "unknown", self.predictor.provider
             )
             s = self.settings
-            run_batch = s.run_batch or (64 if "CUDA" in self.predictor.provider else 4)
+            run_batch = s.run_batch or await asyncio.to_thread(self._measured_run_batch)
             self.batcher = StepBatcher(
                 self.predictor, s.max_active, s.max_queue, self.metrics, run_batch,
                 s.encode_share, self.run_threads(),
             )  # fmt: skip
+            self.metrics.run_batch.set(self.batcher.run_batch)
             self.batcher.start()
             self._trimmer = asyncio.create_task(self._trim_memory(), name="seqops-trim")
             log.info(
@@ -194,6 +197,21 @@ class Service:
         if s.model_version is not None:  # the CLI resolved the URI already
             return Predictor(s.model, version=s.model_version, **kwargs)
         return Predictor.load(s.model, **kwargs)
+
+    def _measured_run_batch(self) -> int:
+        """Images per step run when not set: 64 on CUDA (a GPU wants big runs), else the
+        size the step graph is cheapest per image at on this machine (measured, not a fixed
+        guess: the best size depends on the model and the cores)."""
+        if "CUDA" in self.predictor.provider:
+            return 64
+        costs = measure_run_costs(self.predictor)
+        chosen = choose_run_batch(costs)
+        log.info(
+            "run_batch %d chosen from step ms per image %s",
+            chosen,
+            {n: round(cost * 1e3, 3) for n, cost in costs.items()},
+        )
+        return chosen
 
     def run_threads(self) -> int:
         """onnxruntime runs at once: as set, else the cores of this worker on a CPU (each

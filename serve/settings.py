@@ -32,7 +32,8 @@ class ServeSettings(BaseModel):
     workers: int = Field(1, ge=1)
     spin: bool = False
     # Step-level batching: up to max_active images loop together (1 = one request at a
-    # time), stepped in onnxruntime runs of run_batch images (0: 4 on CPU, 64 on CUDA).
+    # time), stepped in onnxruntime runs of run_batch images (0: 64 on CUDA; on a CPU
+    # the size with the least step time per image, measured at start).
     max_active: int = Field(32, ge=1, le=1024)
     run_batch: int = Field(0, ge=0, le=1024)
     # Fair share: a request is charged this share of its encoding (in steps) besides its
