@@ -450,7 +450,9 @@ def measure_run_costs(
     """Seconds per image of one step at each run size, the best of ``repeats`` runs (the
     least disturbed by other work), on the features of a blank image's encoding."""
     size = predictor.info.image_size
-    blank = predictor.prepare(Image.new("RGB", (size, size)))
+    # An exemplar model needs boxes to encode at all: any box will do for timing the step.
+    boxes = [[0, 0, size // 4, size // 4]] if predictor.info.exemplars else None
+    blank = predictor.prepare(Image.new("RGB", (size, size)), boxes)
     features = predictor.encode([blank])
     grid = predictor.info.grid
     costs: dict[int, float] = {}

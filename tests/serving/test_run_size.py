@@ -35,6 +35,14 @@ def _run_batch(srv: Server) -> int:
     return int(float(found.group(1)))
 
 
+def test_an_exemplar_model_is_measured_too():
+    """Its encoder needs boxes: the measurement gives them (a server of an exemplar model
+    failed to start before)."""
+    predictor = Predictor(exported_model("exemplars")[0], device="cpu", threads=1)
+    costs = measure_run_costs(predictor, sizes=(1, 2), repeats=1)
+    assert set(costs) == {1, 2} and all(c > 0 for c in costs.values())
+
+
 def test_server_measures_unless_set(tmp_path):
     model_dir = exported_model("plain")[0]
     with Server(model_dir, tmp_path / "measured.log") as srv:
