@@ -524,7 +524,6 @@ class _Step(nn.Module):
             # (without it they run apart, between layout conversions: ~7% of a step).
             features = F.max_pool2d(features, 1)
         h = self.blocks(F.relu(features + self.mark_in(marks)))
-        g = self.grid
         pooled = self._pool(h, exporting)
         maps = self._maps(h)  # [B, k, g*g] row-major
         # One permutation for all maps: GatherElements (its index expanded to the batch) is
@@ -545,7 +544,7 @@ class _Step(nn.Module):
             done_in = torch.cat([done_in, torch.log1p(left.sum(dim=2))], dim=1)
             if self.count_prior:
                 heat = heat + torch.log(left + _COUNT_PRIOR_FLOOR)
-            left_map = F.softplus(maps[:, -1]).view(-1, g, g)
+            left_map = self._to_grid(left)  # the softplus above, back on the grid
         done_logit = self.done(done_in).squeeze(1)
         xy = self.xy_mlp(pooled) if self.head_kind == "pooled" else self._soft_argmax(heat)
         return StepOutput(
